@@ -1,0 +1,1 @@
+"""shelfsight.calibration."""
