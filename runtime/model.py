@@ -80,6 +80,7 @@ class Detector:
                 self.conf_threshold,
                 self.iou_threshold,
                 self.max_det,
+                (self.manifest.input.height, self.manifest.input.width),
             )
             t3 = time.perf_counter_ns()
             totals["preprocess"] += t1 - t0

@@ -2,12 +2,14 @@
 
 A decoder turns the model's output tensors into per-image candidates ``(xyxy in network-input pixels, per-class
 scores in [0, 1])``; everything after that (threshold, NMS, max_det, letterbox inverse) is shared by all formats.
-Adding a format (yolov8, yolov5, yolox) means writing one function and decorating it with ``@register_decoder``.
+Adding a format (yolov8, yolov5, yolox) means writing one function and decorating it with ``@register_decoder``;
+a decoder also gets the network input size (H, W), which grid heads such as YOLOX need to rebuild their anchors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,7 +21,8 @@ from shelfsight.runtime.preprocess import LetterboxTransform
 
 # (xyxy (A,4) float32 input pixels, class scores (A,nc) float32 in [0, 1]) for one image.
 Candidates = tuple[np.ndarray, np.ndarray]
-Decoder = Callable[[Sequence[np.ndarray]], list[Candidates]]
+# decoder(outputs in manifest order, network input (H, W) or None when the caller does not know it)
+Decoder = Callable[[Sequence[np.ndarray], tuple[int, int] | None], list[Candidates]]
 
 DECODERS: dict[str, Decoder] = {}
 
@@ -42,7 +45,7 @@ def get_decoder(output_format: str) -> Decoder:
 
 
 @register_decoder("shelfsight")
-def decode_shelfsight(outputs: Sequence[np.ndarray]) -> list[Candidates]:
+def decode_shelfsight(outputs: Sequence[np.ndarray], input_hw: tuple[int, int] | None = None) -> list[Candidates]:
     """ONE tensor [N, A, 4+nc]: x1,y1,x2,y2 in input pixels, then per-class scores (sigmoid already applied)."""
     if len(outputs) != 1:
         raise ValueError(f"'shelfsight' output format expects 1 output tensor, got {len(outputs)}")
@@ -62,7 +65,9 @@ def nms(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_thresho
     xywh[:, :2] = boxes[:, :2]
     # A degenerate box (x2 < x1) gets zero size rather than a negative area that would confuse the overlap test.
     np.clip(boxes[:, 2:] - boxes[:, :2], 0.0, None, out=xywh[:, 2:])
-    kept = cv2.dnn.NMSBoxesBatched(
+    # cv2's stubs say Sequence, but the binding reads numpy arrays directly, with no Python object per box.
+    nms_batched: Any = cv2.dnn.NMSBoxesBatched
+    kept = nms_batched(
         xywh,
         np.asarray(scores, np.float32).reshape(-1),
         np.asarray(class_ids, np.int32).reshape(-1),
@@ -94,13 +99,14 @@ def postprocess(
     conf_threshold: float = 0.25,
     iou_threshold: float = 0.5,
     max_det: int = 300,
+    input_hw: tuple[int, int] | None = None,
 ) -> list[Detections]:
     """One Detections per transform, in frame pixels.
 
     ``outputs`` are in ``output_spec.names`` order. Batch rows past ``len(transforms)`` are ignored, which is how a
-    fixed-batch model runs a partial chunk.
+    fixed-batch model runs a partial chunk. ``input_hw`` is the network input (H, W), needed by grid-head formats.
     """
-    per_image = get_decoder(output_spec.format)(outputs)
+    per_image = get_decoder(output_spec.format)(outputs, input_hw)
     if len(per_image) < len(transforms):
         raise ValueError(f"model returned {len(per_image)} batch items for {len(transforms)} frames")
     return [

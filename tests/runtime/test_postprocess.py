@@ -96,3 +96,17 @@ def test_formats_without_a_decoder_fail_with_the_available_list() -> None:
     assert "shelfsight" in DECODERS
     with pytest.raises(ManifestError, match=r"'yolox' has no decoder.*available: shelfsight"):
         get_decoder("yolox")
+
+
+def test_a_registered_decoder_is_used_and_gets_the_input_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int] | None] = []
+
+    def decode_transposed(outputs: list[np.ndarray], input_hw: tuple[int, int] | None) -> list:
+        seen.append(input_hw)
+        return [(image[:4].T, image[4:].T) for image in outputs[0]]  # [N, 4+nc, A], like yolov8's layout
+
+    monkeypatch.setitem(DECODERS, "yolov8", decode_transposed)
+    output = np.array([[[10, 200], [10, 200], [20, 220], [20, 220], [0.9, 0.1]]], np.float32)
+    (dets,) = postprocess([output], OutputSpec(format="yolov8", names=["o"]), [IDENTITY], input_hw=(320, 320))
+    assert seen == [(320, 320)]
+    np.testing.assert_allclose(dets.xyxy, [[10, 10, 20, 20]])

@@ -13,7 +13,7 @@ RNG = np.random.default_rng(0)
 
 
 def _spec(h: int = 64, w: int = 64, **changes: object) -> InputSpec:
-    return InputSpec(name="images", shape=[1, 3, h, w], **changes)  # type: ignore[arg-type]
+    return InputSpec(name="images", shape=[1, 3, h, w], **changes)
 
 
 def reference_preprocess(frame: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_views_and_flipped_frames_are_read_correctly() -> None:
 )
 def test_bad_frames_are_refused(frame: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        Preprocessor(SPECS["ours"])(frame)  # type: ignore[arg-type]
+        Preprocessor(SPECS["ours"])(frame)
 
 
 GEOMETRY_CASES = [
