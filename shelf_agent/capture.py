@@ -127,13 +127,16 @@ class CaptureStats:
 
 
 StateCallback = Callable[[CameraState, CameraState, str], None]
-"""on_state_change(old, new, reason): called from the capture threads, in order; keep it short, never call stop()."""
+"""on_state_change(old, new, reason): called in order from the capture threads (and from stop() for the final
+`ended`); keep it short and never call stop() from it."""
 
 
 class FrameSource(Protocol):
     def start(self) -> None: ...
     def read(self, timeout: float | None = None) -> Frame | None: ...
     def stop(self, timeout: float | None = None) -> bool: ...
+    @property
+    def finished(self) -> bool: ...
     @property
     def state(self) -> CameraState: ...
     @property
@@ -214,8 +217,8 @@ class CaptureThread:
 
     # ----------------------------------------------------------------------------------------------- public API
     def start(self) -> None:
-        if self._reader is not None:
-            raise RuntimeError("CaptureThread.start() called twice")
+        if self._reader is not None or self._stop.is_set():
+            raise RuntimeError("a CaptureThread starts once; create a new one")
         check_source(self.source)
         if self.source.is_local:
             # A missing file or camera at start is a user error: say so now rather than as a state change later.
@@ -421,8 +424,10 @@ class CaptureThread:
 
     def _run_live(self) -> None:
         options = self.options
-        failed_opens = 0
-        opened_before = self._capture is not None
+        # An attempt fails when the open fails or when the opened stream dies before a single good frame (a camera
+        # busy in another process opens fine and then never delivers): both back off, so neither spins.
+        failed_attempts = 0
+        frames_since_open = 0
         lost_at: float | None = None
         read_failures = 0
         expected_shape: tuple[int, ...] | None = None
@@ -433,24 +438,11 @@ class CaptureThread:
                 except CaptureError as exc:
                     self._open_failures += 1
                     self._last_error = str(exc)
-                    failed_opens += 1
-                    if options.max_reconnect_attempts is not None and failed_opens >= options.max_reconnect_attempts:
-                        self._set_state(CameraState.FAILED, f"{failed_opens} failed attempts to open; {exc}")
+                    failed_attempts += 1
+                    if not self._back_off(failed_attempts, str(exc)):
                         return
-                    delay = backoff_delay(
-                        failed_opens - 1,
-                        options.reconnect_initial_s,
-                        options.reconnect_max_s,
-                        options.reconnect_jitter,
-                        self._rng,
-                    )
-                    self._set_state(CameraState.RECONNECTING, f"{exc}; retry in {delay:.1f} s")
-                    self._pause(delay)
                     continue
-                if opened_before:
-                    self._reconnects += 1
-                opened_before = True
-                failed_opens = read_failures = 0
+                frames_since_open = read_failures = 0
                 expected_shape = None
             ok, image = self._read_source(self._capture)
             if self._stop.is_set():
@@ -461,17 +453,41 @@ class CaptureThread:
                     self._release()
                     lost_at = lost_at or time.monotonic()
                     self._last_error = f"stream lost: {read_failures} failed reads in a row"
-                    self._set_state(CameraState.RECONNECTING, f"{self._last_error}; reopening")
+                    if frames_since_open == 0:
+                        failed_attempts += 1
+                        if not self._back_off(failed_attempts, self._last_error):
+                            return
+                    else:
+                        self._set_state(CameraState.RECONNECTING, f"{self._last_error}; reopening")
                 continue
             read_failures = 0
             if not self._accept(image, expected_shape):
                 continue
             assert image is not None
             expected_shape = image.shape
+            failed_attempts = 0
+            frames_since_open += 1
             now = time.monotonic()
             if lost_at is not None:
+                self._reconnects += 1
                 self._last_outage_s, lost_at = now - lost_at, None
             self._deliver(image, time.time(), now)
+
+    def _back_off(self, failed_attempts: int, reason: str) -> bool:
+        """Wait before the next attempt; False when giving up (failed) or stopped meanwhile."""
+        options = self.options
+        if options.max_reconnect_attempts is not None and failed_attempts >= options.max_reconnect_attempts:
+            self._set_state(CameraState.FAILED, f"{failed_attempts} failed attempts in a row; {reason}")
+            return False
+        delay = backoff_delay(
+            failed_attempts - 1,
+            options.reconnect_initial_s,
+            options.reconnect_max_s,
+            options.reconnect_jitter,
+            self._rng,
+        )
+        self._set_state(CameraState.RECONNECTING, f"{reason}; retry in {delay:.1f} s")
+        return self._pause(delay)
 
     def _run_file(self) -> None:
         capture = self._capture
