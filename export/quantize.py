@@ -1,0 +1,233 @@
+"""Static INT8 quantization to a Q/DQ ONNX model, and proof that the convolutions really run in INT8.
+
+Q/DQ is the one format both ONNX Runtime (CPU) and TensorRT (explicit quantization) consume. A Q/DQ model is only
+fast if the runtime fuses each DequantizeLinear -> Conv -> QuantizeLinear group into an integer kernel; a badly
+placed or missing Q/DQ pair leaves the convolution in float *plus* the conversion cost, which can end up slower than
+FP32. So quantizing is not done until :func:`inspect_int8_kernels` has looked at the graph ONNX Runtime actually
+executes (``ORT_ENABLE_ALL`` on the CPU provider) and counted the integer convolutions.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shelfsight.calibration.cache import CALIBRATION_METHODS, CalibMethodName
+from shelfsight.runtime.errors import ShelfSightError
+
+log = logging.getLogger(__name__)
+
+# Integer convolution kernels ONNX Runtime's CPU provider fuses Q/DQ convolutions into.
+INT8_CONV_OPS = frozenset({"QLinearConv", "ConvInteger", "NhwcQLinearConv", "QLinearConvTranspose"})
+# Float convolution kernels, including the layout-optimized and activation-fused forms.
+FLOAT_CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "NhwcConv", "ConvTranspose"})
+
+_QUANT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
+
+
+class QuantizationError(ShelfSightError):
+    """Quantization failed or produced a model that does not run convolutions in INT8."""
+
+
+class QuantizeOptions(BaseModel):
+    """How to quantize. Defaults are what measured best on an AVX512-VNNI CPU (see the export report)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calib_method: CalibMethodName = "minmax"
+    activation_type: Literal["quint8", "qint8"] = "quint8"
+    weight_type: Literal["qint8"] = "qint8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+    # Keep the ops after the last convolution (box decode, score sigmoid, output concat) in float: an 8-bit box
+    # coordinate is a 1/255-of-the-image step, which moves IoU-critical box edges by pixels.
+    float_tail: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()
+    # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
+    allowed_float_convs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> QuantizeOptions:
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calib_method must be one of {sorted(CALIBRATION_METHODS)}")
+        if self.symmetric_activations and self.activation_type == "quint8":
+            raise ValueError("symmetric_activations needs activation_type 'qint8' (TensorRT's zero point 0)")
+        return self
+
+    @classmethod
+    def for_tensorrt(cls, **overrides: object) -> QuantizeOptions:
+        """TensorRT's explicit quantization accepts only symmetric signed INT8 (zero point 0) everywhere."""
+        values: dict[str, object] = {"activation_type": "qint8", "symmetric_activations": True, "reduce_range": False}
+        values.update(overrides)
+        return cls.model_validate(values)
+
+    def extra_options(self) -> dict[str, object]:
+        return {
+            "ActivationSymmetric": self.symmetric_activations,
+            "WeightSymmetric": True,
+        }
+
+
+@dataclass(frozen=True)
+class Int8KernelReport:
+    """Convolutions in the model vs. the kernels ONNX Runtime actually runs for them."""
+
+    total_convs: int
+    int8_convs: int
+    float_convs: list[str]
+    expected_float_convs: int = 0
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return len(self.float_convs) <= self.expected_float_convs and self.int8_convs + len(self.float_convs) >= (
+            self.total_convs
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.int8_convs}/{self.total_convs} convolutions run as INT8 kernels, "
+            f"{len(self.float_convs)} float ({self.expected_float_convs} expected)"
+        )
+
+
+def preprocess_for_quantization(fp32_onnx: str | Path, out_path: str | Path) -> Path:
+    """ORT's quantization pre-pass: symbolic shape inference + graph optimization (folds, fusions)."""
+    out_path = Path(out_path)
+    try:
+        quant_pre_process(str(fp32_onnx), str(out_path), skip_symbolic_shape=False)
+    except Exception as exc:  # the pre-pass raises bare asserts and onnx errors alike
+        raise QuantizationError(f"{fp32_onnx}: quantization pre-processing failed: {exc}") from exc
+    return out_path
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def tail_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes after the last convolutions: those from which no Conv can be reached.
+
+    For the ``shelfsight`` head this is the flatten/transposes, the softplus * stride box decode, the anchor
+    subtract/add, the score sigmoid and the output concat: cheap elementwise work where 8 bits cost accuracy.
+    """
+    graph = model.graph
+    consumers = _consumers(graph)
+    feeds_conv: dict[str, bool] = {}
+
+    def reaches_conv(node: onnx.NodeProto) -> bool:
+        key = node.name or node.output[0]
+        if key in feeds_conv:
+            return feeds_conv[key]
+        feeds_conv[key] = False  # graphs are acyclic; this only guards the recursion
+        result = node.op_type == "Conv" or any(
+            reaches_conv(child) for out in node.output for child in consumers.get(out, [])
+        )
+        feeds_conv[key] = result
+        return result
+
+    return [node.name for node in graph.node if node.op_type != "Conv" and not reaches_conv(node)]
+
+
+def excluded_nodes(model_path: str | Path, options: QuantizeOptions) -> list[str]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    names = set(options.nodes_to_exclude)
+    known = {node.name for node in model.graph.node}
+    unknown = sorted(names - known)
+    if unknown:
+        raise QuantizationError(f"{model_path}: nodes_to_exclude names unknown node '{unknown[0]}'")
+    if options.float_tail:
+        names.update(tail_nodes(model))
+    return sorted(names)
+
+
+def quantize_qdq(
+    preprocessed_onnx: str | Path,
+    out_path: str | Path,
+    calibration_cache: str | Path,
+    options: QuantizeOptions,
+) -> Path:
+    """Write the Q/DQ INT8 model from a pre-processed FP32 model and cached calibration ranges."""
+    out_path = Path(out_path)
+    exclude = excluded_nodes(preprocessed_onnx, options)
+    try:
+        quantize_static(
+            str(preprocessed_onnx),
+            str(out_path),
+            calibration_data_reader=None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            activation_type=_QUANT_TYPES[options.activation_type],
+            weight_type=_QUANT_TYPES[options.weight_type],
+            nodes_to_exclude=exclude,
+            calibrate_method=CALIBRATION_METHODS[options.calib_method],
+            extra_options=options.extra_options(),
+            calibration_cache_path=str(calibration_cache),
+        )
+    except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as exc:
+        raise QuantizationError(f"{preprocessed_onnx}: quantize_static failed: {exc}") from exc
+    return out_path
+
+
+def optimized_graph(onnx_path: str | Path, optimized_path: str | Path) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider executes, after every optimization level it applies by default."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(optimized_path)
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # the "hardware specific optimizations" warning is exactly what we want here
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types without a common public base
+        raise QuantizationError(f"{onnx_path}: ONNX Runtime cannot load the model: {exc}") from exc
+    return onnx.load(str(optimized_path))
+
+
+def inspect_int8_kernels(onnx_path: str | Path, expected_float_convs: int = 0) -> Int8KernelReport:
+    """Count the convolutions of ``onnx_path`` and which kernel each one runs as in the ORT-optimized CPU graph."""
+    source = onnx.load(str(onnx_path), load_external_data=False)
+    total = sum(node.op_type in FLOAT_CONV_OPS | INT8_CONV_OPS for node in source.graph.node)
+    with tempfile.TemporaryDirectory(prefix="shelfsight-ortopt-") as tmp:
+        optimized = optimized_graph(onnx_path, Path(tmp) / "optimized.onnx")
+    int8 = [node for node in optimized.graph.node if node.op_type in INT8_CONV_OPS]
+    floating = [node.name or node.output[0] for node in optimized.graph.node if node.op_type in FLOAT_CONV_OPS]
+    counts = Counter(f"{node.domain or 'ai.onnx'}:{node.op_type}" for node in optimized.graph.node)
+    return Int8KernelReport(
+        total_convs=total,
+        int8_convs=len(int8),
+        float_convs=floating,
+        expected_float_convs=expected_float_convs,
+        op_counts=dict(sorted(counts.items())),
+    )
+
+
+def expected_float_convs(preprocessed_onnx: str | Path, options: QuantizeOptions) -> int:
+    model = onnx.load(str(preprocessed_onnx), load_external_data=False)
+    excluded = set(excluded_nodes(preprocessed_onnx, options))
+    return options.allowed_float_convs + sum(
+        node.op_type in FLOAT_CONV_OPS and node.name in excluded for node in model.graph.node
+    )
+
+
+def verify_int8_kernels(report: Int8KernelReport, model_path: str | Path) -> Int8KernelReport:
+    if not report.ok:
+        names = ", ".join(report.float_convs[:3]) + (" ..." if len(report.float_convs) > 3 else "")
+        raise QuantizationError(
+            f"{model_path}: {report.summary()}; float convolutions left in the optimized graph: {names}"
+        )
+    return report
