@@ -113,3 +113,7 @@ def postprocess(
         select(candidates, transform, conf_threshold, iou_threshold, max_det)
         for candidates, transform in zip(per_image[: len(transforms)], transforms, strict=True)
     ]
+
+
+# Last, because the third-party decoders register themselves through this module's register_decoder.
+import shelfsight.runtime.decoders  # noqa: E402, F401
