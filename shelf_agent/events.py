@@ -280,7 +280,8 @@ def build_metrics(
         "interval_s": round(float(interval_s), 3),
         "fps": round(_finite("fps", fps), 3),
         "latency_ms": {
-            stage: {"p50": round(float(p50), 3), "p95": round(float(p95), 3)} for stage, (p50, p95) in latency_ms.items()
+            stage: {"p50": round(float(p50), 3), "p95": round(float(p95), 3)}
+            for stage, (p50, p95) in latency_ms.items()
         },
         "frame_age_ms": None if frame_age_ms is None else round(float(frame_age_ms), 3),
         "dropped_frames": int(dropped_frames),

@@ -87,7 +87,9 @@ class Outbox:
         """``max_file_bytes``: optional hard ceiling on the database file, a safety net for a small root
         filesystem; a write beyond it fails like a full disk (OutboxError) instead of filling the disk."""
         if max_messages < 1 or max_bytes < 1:
-            raise OutboxError(f"{path}: outbox caps must be positive (max_messages={max_messages}, max_bytes={max_bytes})")
+            raise OutboxError(
+                f"{path}: outbox caps must be positive (max_messages={max_messages}, max_bytes={max_bytes})"
+            )
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
