@@ -331,6 +331,9 @@ class Publisher:
                 self._ack(acks)
                 if self._session_ready and not self._stop.is_set():
                     self._fill_window()
+            except OutboxError as exc:  # disk full / read-only: rows stay where they are, try again shortly
+                self._set_error(str(exc), level=logging.ERROR)
+                self._stop.wait(1.0)
             except Exception as exc:  # the publisher must outlive any single failure
                 self.last_error = f"publisher: {exc}"
                 log.exception("mqtt: publisher loop error (retrying)")

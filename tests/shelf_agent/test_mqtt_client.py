@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,13 +170,15 @@ def test_publish_refused_by_acl_stays_in_outbox_and_counts_as_failed(
     assert subscriber.on(TOPICS.alert) == []
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_refused_connection_is_counted_and_nothing_is_acked(
-    tmp_path: Path, mosquitto_broker: Any, mqtt_password_file: Any, publishers: Any
+    protocol: str, tmp_path: Path, mosquitto_broker: Any, mqtt_password_file: Any, publishers: Any
 ) -> None:
     broker = acl_broker(mosquitto_broker, mqtt_password_file, tmp_path)
     outbox = Outbox(tmp_path / "outbox.db")
     put_metrics(outbox)
-    publisher = publishers(outbox, host=broker.host, port=broker.port, username="agent", password="wrong")
+    publisher = publishers(outbox, host=broker.host, port=broker.port, username="agent", password="wrong",
+                           protocol=protocol)
     assert wait_until(lambda: publisher.stats().refused >= 1)
     stats = publisher.stats()
     assert not stats.connected and stats.published == 0
@@ -193,6 +196,47 @@ def test_unreachable_broker_keeps_messages_and_reports_it(tmp_path: Path, publis
     assert wait_until(lambda: publisher.stats().connect_failures >= 1)
     assert publisher.last_error == f"cannot reach broker 127.0.0.1:{port}"
     assert not publisher.connected and outbox.depth() == 2
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, made by the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    folder.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", *extra)
+    return {name: folder / name for name in ("ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem",
+                                             "client.key")}
+
+
+def test_mutual_tls_connects_with_the_right_ca_and_refuses_a_wrong_one(
+    tmp_path: Path, mosquitto_broker: Any, publishers: Any
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    broker = mosquitto_broker([f"cafile {pki['ca.pem']}", f"certfile {pki['server.pem']}",
+                               f"keyfile {pki['server.key']}", "require_certificate true"])
+    good_outbox, bad_outbox = Outbox(tmp_path / "good.db"), Outbox(tmp_path / "bad.db")
+    put_alerts(good_outbox, 2)
+    put_alerts(bad_outbox, 2)
+    client_tls = {"certfile": pki["client.pem"], "keyfile": pki["client.key"]}
+    good = publishers(good_outbox, host=broker.host, port=broker.port, client_id="good",
+                      tls={"ca_certs": pki["ca.pem"], **client_tls})
+    bad = publishers(bad_outbox, host=broker.host, port=broker.port, client_id="bad",
+                     tls={"ca_certs": pki["other-ca.pem"], **client_tls})
+    assert good.flush(15), good.stats()
+    assert good.stats().published == 2 and good_outbox.depth() == 0
+    assert wait_until(lambda: bad.stats().connect_failures >= 1)
+    assert not bad.connected and bad_outbox.depth() == 2 and bad.stats().published == 0
 
 
 WILL_PROCESS = textwrap.dedent(
