@@ -78,3 +78,23 @@ def dump_yaml_model(obj: BaseModel, path: str | Path) -> Path:
     text = yaml.safe_dump(obj.model_dump(mode="json", exclude_none=True), sort_keys=False)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def compose_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML text into (plain data, node tree) so callers can run their own checks and still name lines."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    return data, root
+
+
+def config_error_at(source: str, root: yaml.Node | None, loc: tuple[Any, ...], msg: str) -> ConfigError:
+    """A ConfigError worded like the schema errors ("file:line: field 'a[2].b': msg") for a check done in code."""
+    node = _node_at(root, loc)
+    line = f":{node.start_mark.line + 1}" if node is not None else ""
+    return ConfigError(f"{source}{line}: field '{_field_name(loc)}': {msg}")
