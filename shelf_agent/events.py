@@ -28,7 +28,7 @@ from shelfsight.runtime.errors import ShelfSightError
 
 AlertType = Literal["stockout", "low_stock", "restocked"]
 SlotState = Literal["ok", "low", "empty", "occluded", "unknown"]
-CameraState = Literal["starting", "streaming", "reconnecting", "ended", "failed"]
+CameraState = Literal["starting", "streaming", "stalled", "reconnecting", "ended", "failed"]
 MessageKind = Literal["alert", "state", "status", "metrics", "snapshot"]
 
 ALERT_SCHEMA = "shelfsight.alert/1"
