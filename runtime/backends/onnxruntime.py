@@ -9,15 +9,90 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shelfsight.runtime.backends.base import Backend, BackendError, TensorMeta
 
-ProviderRequest = str | tuple[str, dict[str, Any]]
-
 CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+
+
+def _flag(value: bool) -> str:
+    return "True" if value else "False"
+
+
+class CudaProviderOptions(BaseModel):
+    """ONNX Runtime's CUDA execution provider. Not run on real hardware yet: built and checked on CPU machines only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    provider: ClassVar[str] = CUDA_PROVIDER
+
+    device_id: int = Field(0, ge=0)
+    # EXHAUSTIVE benchmarks every cuDNN algorithm once per shape: slow first frame, fastest after; fixed-size inputs
+    # make that the right default on a camera device.
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+
+    def as_provider(self) -> tuple[str, dict[str, str]]:
+        return self.provider, {"device_id": str(self.device_id), "cudnn_conv_algo_search": self.cudnn_conv_algo_search}
+
+
+class TensorRTProviderOptions(BaseModel):
+    """ONNX Runtime's TensorRT execution provider. Not run on real hardware yet: built and checked on CPU machines only.
+
+    Building a TensorRT engine takes minutes on a small GPU, so a device should cache it: ``engine_cache_path`` is
+    required when caching is on (ORT's default, the working directory, is often read-only or shared). ORT keys its
+    cache by model and GPU, but not by our manifest, so give each model its own folder. ``int8`` is for Q/DQ models
+    (explicit quantization) or with a calibration table; ``fp16`` lets TensorRT pick half-precision kernels.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    provider: ClassVar[str] = TENSORRT_PROVIDER
+
+    device_id: int = Field(0, ge=0)
+    engine_cache_enable: bool = True
+    engine_cache_path: Path | None = None
+    fp16: bool = False
+    int8: bool = False
+
+    @model_validator(mode="after")
+    def _cache_has_a_home(self) -> TensorRTProviderOptions:
+        if self.engine_cache_enable and self.engine_cache_path is None:
+            raise ValueError("engine_cache_enable needs engine_cache_path (a folder for this model's TensorRT engines)")
+        return self
+
+    def as_provider(self) -> tuple[str, dict[str, str]]:
+        options = {
+            "device_id": str(self.device_id),
+            "trt_engine_cache_enable": _flag(self.engine_cache_enable),
+            "trt_fp16_enable": _flag(self.fp16),
+            "trt_int8_enable": _flag(self.int8),
+        }
+        if self.engine_cache_path is not None:
+            options["trt_engine_cache_path"] = str(self.engine_cache_path)
+        return self.provider, options
+
+
+ProviderOptions = CudaProviderOptions | TensorRTProviderOptions
+ProviderRequest = str | tuple[str, dict[str, Any]] | ProviderOptions
+
+
+def gpu_providers(
+    tensorrt: TensorRTProviderOptions | None = None, cuda: CudaProviderOptions | None = None, cpu: bool = True
+) -> list[ProviderRequest]:
+    """Providers in ORT's priority order: TensorRT, then CUDA for the nodes TensorRT does not take, then the CPU.
+
+    Every provider in the list must start (``OnnxRuntimeBackend`` refuses a silent fallback), so leave one out
+    rather than listing it "just in case".
+    """
+    chain: list[ProviderRequest] = [options for options in (tensorrt, cuda) if options is not None]
+    if cpu:
+        chain.append(CPU_PROVIDER)
+    return chain
+
 
 _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
@@ -39,7 +114,15 @@ _OPTIMIZATION_LEVELS = {
 
 
 def _provider_name(request: ProviderRequest) -> str:
-    return request if isinstance(request, str) else request[0]
+    ort_form = _as_ort_provider(request)
+    return ort_form if isinstance(ort_form, str) else str(ort_form[0])
+
+
+def _as_ort_provider(request: ProviderRequest) -> Any:
+    """What ``InferenceSession(providers=...)`` takes: a name or a (name, options) pair."""
+    if isinstance(request, (CudaProviderOptions, TensorRTProviderOptions)):
+        return request.as_provider()
+    return request
 
 
 def _first_line(exc: BaseException) -> str:
@@ -108,7 +191,9 @@ class OnnxRuntimeBackend(Backend):
         if self.inter_op_threads is not None:
             options.inter_op_num_threads = self.inter_op_threads
         try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=self.providers)
+            session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=[_as_ort_provider(p) for p in self.providers]
+            )
         except Exception as exc:  # ORT raises its own pybind exception types for protobuf/graph/provider errors
             raise BackendError(f"{self.model_path}: onnxruntime cannot load the model: {_first_line(exc)}") from None
 
