@@ -21,15 +21,7 @@ from pydantic import ValidationError
 
 from shelfsight.runtime.decoders import check_output_layout
 from shelfsight.runtime.errors import ManifestError
-from shelfsight.runtime.manifest import (
-    MANIFEST_FILENAME,
-    InputSpec,
-    Manifest,
-    OutputSpec,
-    Precision,
-    Provenance,
-    artifact_for,
-)
+from shelfsight.runtime.manifest import MANIFEST_FILENAME, Manifest, Precision, artifact_for
 
 _FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -213,29 +205,31 @@ def describe_onnx(
 
     import onnxruntime as ort
 
+    document = {
+        "name": name or onnx_path.stem,
+        "classes": class_names,
+        "input": {
+            "name": inputs[0].name,
+            "shape": input_shape,
+            "channel_order": channel_order,
+            "pixel_scale": pixel_scale,
+            "mean": list(mean),
+            "std": list(std),
+            "resize": resize,
+            "pad_value": pad_value,
+            "letterbox_align": letterbox_align,
+        },
+        "output": {"format": fmt, "names": names},
+        "precision": precision or ("fp16" if inputs[0].type == "tensor(float16)" else "fp32"),
+        "artifacts": [artifact_for(target.parent, relative).model_dump()],
+        "provenance": {
+            "exporter": "third-party ONNX described by shelfsight.runtime.describe",
+            "tool_versions": {"onnxruntime": ort.__version__},
+        },
+    }
     try:
-        manifest = Manifest(
-            name=name or onnx_path.stem,
-            classes=class_names,
-            input=InputSpec(
-                name=inputs[0].name,
-                shape=input_shape,
-                channel_order=channel_order,  # type: ignore[arg-type]
-                pixel_scale=pixel_scale,
-                mean=list(mean),
-                std=list(std),
-                resize=resize,  # type: ignore[arg-type]
-                pad_value=pad_value,
-                letterbox_align=letterbox_align,  # type: ignore[arg-type]
-            ),
-            output=OutputSpec(format=fmt, names=names),  # type: ignore[arg-type]
-            precision=precision or ("fp16" if inputs[0].type == "tensor(float16)" else "fp32"),
-            artifacts=[artifact_for(target.parent, relative)],
-            provenance=Provenance(
-                exporter="third-party ONNX described by shelfsight.runtime.describe",
-                tool_versions={"onnxruntime": ort.__version__},
-            ),
-        )
+        # Validated as one document, so an error names its full field path (e.g. input.std).
+        manifest = Manifest.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "<manifest>"

@@ -67,7 +67,7 @@ class _DeviceBuffer:
 def _capture_logger(trt: Any) -> Any:
     """A TensorRT logger that keeps the last error, so a failed load can say why in one line."""
 
-    class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class CapturingLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.last_error = ""

@@ -139,6 +139,9 @@ class ILogger:
     def __init__(self) -> None:
         pass
 
+    def log(self, severity: Any, msg: str) -> None:
+        raise NotImplementedError
+
 
 def nptype(dtype: DataType) -> type:
     table = {DataType.FLOAT: np.float32, DataType.HALF: np.float16}
@@ -191,7 +194,9 @@ class FakeEngine:
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> tuple:
         assert profile == 0
-        return self._tensor(name).profile
+        shapes = self._tensor(name).profile
+        assert shapes is not None, f"{name} has no optimization profile"
+        return shapes
 
     def create_execution_context(self) -> FakeContext:
         self.cuda.calls.append(("create_execution_context",))
@@ -466,7 +471,7 @@ def _real_tensorrt_and_gpu() -> bool:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        from cuda import cudart  # type: ignore[no-redef]
+        from cuda import cudart
     error, count = cudart.cudaGetDeviceCount()
     return error == cudart.cudaError_t.cudaSuccess and count > 0
 
