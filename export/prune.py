@@ -33,7 +33,6 @@ from shelfsight.export.model import (
     ModelConfig,
     build_model,
     check_state_dict,
-    count_parameters,
     make_checkpoint,
     read_checkpoint,
 )
@@ -293,26 +292,26 @@ def save_pruned_checkpoint(
     path: str | Path,
     epoch: int = -1,
     metrics: dict[str, Any] | None = None,
+    extra_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (the pruned, possibly fine-tuned network) with its pruning record."""
-    path = Path(path)
-    checkpoint = make_checkpoint(model, class_names, imgsz, epoch, metrics, **{PRUNING_KEY: result.record()})
+    record = result.record() | dict(extra_record or {})
+    checkpoint = make_checkpoint(model, class_names, imgsz, epoch, metrics, **{PRUNING_KEY: record})
+    return _atomic_save(checkpoint, Path(path))
+
+
+def resave_with_record(checkpoint_path: str | Path, out_path: str | Path, record: dict[str, Any]) -> Path:
+    """Copy a checkpoint written by code that knows nothing of pruning (the trainer), adding the pruning record."""
+    data = read_checkpoint(checkpoint_path)
+    data.pop("train_state", None)  # optimizer state of the fine-tune run: not needed to export or to resume pruning
+    data[PRUNING_KEY] = dict(record)
+    return _atomic_save(data, Path(out_path))
+
+
+def _atomic_save(checkpoint: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(checkpoint, tmp)
     tmp.replace(path)
     return path
 
-
-__all__ = [
-    "ModelCost",
-    "PruneError",
-    "PruneOptions",
-    "PruneResult",
-    "check_pruned",
-    "conv_widths",
-    "count_parameters",
-    "load_pruned_checkpoint",
-    "prune_detector",
-    "reshape_to_state_dict",
-    "save_pruned_checkpoint",
-]

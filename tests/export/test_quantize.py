@@ -1,0 +1,196 @@
+"""Static Q/DQ quantization of the project's detector, checked against what ONNX Runtime really executes.
+
+One small detector (width 0.25, 160x160) is exported once per module with the project's ONNX writer; every test
+quantizes it with real ORT tooling and inspects the real ORT-optimized graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from shelfsight.calibration.cache import calibrate_tensor_ranges
+from shelfsight.calibration.images import select_calibration_images
+from shelfsight.calibration.reader import ImageCalibrationReader, calibration_digest
+from shelfsight.export.model import ModelConfig, build_model, input_spec_for
+from shelfsight.export.onnx_export import write_onnx
+from shelfsight.export.quantize import (
+    QuantizationError,
+    QuantizeOptions,
+    excluded_nodes,
+    expected_float_convs,
+    inspect_int8_kernels,
+    preprocess_for_quantization,
+    quantize_qdq,
+    tail_nodes,
+    verify_int8_kernels,
+)
+
+IMGSZ = 160
+
+
+def _settle_batchnorm(model: torch.nn.Module, imgsz: int) -> None:
+    """A few train-mode passes give BatchNorm realistic statistics, so activations have detector-like ranges."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, 3, imgsz, imgsz))
+    model.eval()
+
+
+def _scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    frame = cv2.GaussianBlur(rng.integers(40, 220, (height, width, 3), dtype=np.uint8), (0, 0), 2)
+    for _ in range(10):
+        x, y = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.rectangle(frame, (x, y), (x + int(rng.integers(6, 60)), y + int(rng.integers(6, 60))), color, -1)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quantize")
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(workdir: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=2, width=0.25, depth=0.33, imgsz=IMGSZ))
+    _settle_batchnorm(model, IMGSZ)
+    return write_onnx(model, IMGSZ, workdir / "fp32.onnx", opset=17)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(fp32_onnx: Path, workdir: Path) -> Path:
+    return preprocess_for_quantization(fp32_onnx, workdir / "pre.onnx")
+
+
+@pytest.fixture(scope="module")
+def calibration_cache(preprocessed: Path, workdir: Path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = workdir / "calib"
+    folder.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(folder / f"{i}.jpg"), _scene(rng, int(rng.integers(120, 300)), int(rng.integers(120, 300))))
+    spec = input_spec_for(IMGSZ)
+    images = select_calibration_images(folder, count=8)
+    ranges = calibrate_tensor_ranges(
+        preprocessed, ImageCalibrationReader(images, spec), "minmax", calibration_digest(images, spec), workdir / "c"
+    )
+    return ranges.cache_path
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    from shelfsight.runtime.preprocess import preprocess_frame
+
+    rng = np.random.default_rng(1)
+    return np.stack([preprocess_frame(_scene(rng, 200, 260), input_spec_for(IMGSZ))[0] for _ in range(3)])
+
+
+def _run(path: Path, batch: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"images": frame[None]})[0] for frame in batch])
+
+
+def test_default_quantization_runs_every_conv_as_int8(
+    preprocessed: Path, calibration_cache: Path, workdir: Path, frames: np.ndarray
+) -> None:
+    options = QuantizeOptions()
+    int8 = quantize_qdq(preprocessed, workdir / "int8.onnx", calibration_cache, options)
+    report = verify_int8_kernels(inspect_int8_kernels(int8, expected_float_convs(preprocessed, options)), int8)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(preprocessed)).graph.node)
+    assert report.total_convs == convs > 40
+    assert report.int8_convs == convs and report.float_convs == [] and report.ok
+    assert any("QLinearConv" in op for op in report.op_counts)
+    graph_ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops
+    # It runs, keeps the output contract, and stays close to FP32 (boxes in input pixels, scores in [0, 1]).
+    expected, actual = _run(preprocessed, frames), _run(int8, frames)
+    assert actual.shape == expected.shape and actual.dtype == np.float32
+    assert np.all((actual[..., 4:] >= 0) & (actual[..., 4:] <= 1))
+    assert np.abs(actual[..., :4] - expected[..., :4]).mean() < 0.02 * IMGSZ
+    assert int8.stat().st_size < 0.45 * preprocessed.stat().st_size
+
+
+def test_symmetric_int8_activations_leave_float_convs_and_are_caught(
+    preprocessed: Path, calibration_cache: Path, workdir: Path
+) -> None:
+    """The TensorRT setting (QInt8 symmetric activations): ORT's CPU provider keeps many of these convs in float."""
+    options = QuantizeOptions.for_tensorrt()
+    int8 = quantize_qdq(preprocessed, workdir / "int8-trt.onnx", calibration_cache, options)
+    report = inspect_int8_kernels(int8, expected_float_convs(preprocessed, options))
+    assert not report.ok and report.float_convs
+    with pytest.raises(QuantizationError, match="float convolutions left in the optimized graph"):
+        verify_int8_kernels(report, int8)
+
+
+def test_excluded_convs_stay_float_and_are_counted(preprocessed: Path, calibration_cache: Path, workdir: Path) -> None:
+    model = onnx.load(str(preprocessed))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    options = QuantizeOptions(per_channel=False, nodes_to_exclude=tuple(convs[1:4]))
+    int8 = quantize_qdq(preprocessed, workdir / "int8-excluded.onnx", calibration_cache, options)
+    allowed = expected_float_convs(preprocessed, options)
+    assert allowed == 3
+    report = inspect_int8_kernels(int8, allowed)
+    # ORT's optimizer may still fuse an excluded conv into INT8 when both its neighbours are quantized (it
+    # quantizes the float weight itself), so "excluded" is an upper bound on the float convs, not an exact count.
+    assert 1 <= len(report.float_convs) <= 3 and report.ok
+    assert report.int8_convs + len(report.float_convs) == len(convs)
+    strict = inspect_int8_kernels(int8, expected_float_convs=0)
+    with pytest.raises(QuantizationError, match=f"{report.int8_convs}/{len(convs)} convolutions run as INT8"):
+        verify_int8_kernels(strict, int8)
+
+
+def test_float_tail_is_the_decode_after_the_last_convs(preprocessed: Path) -> None:
+    model = onnx.load(str(preprocessed))
+    by_name = {n.name: n for n in model.graph.node}
+    tail = tail_nodes(model)
+    ops = {by_name[name].op_type for name in tail}
+    assert "Sigmoid" in ops and "Concat" in ops and "Conv" not in ops
+    final = next(n for n in model.graph.node if "detections" in n.output)
+    assert final.name in tail
+    # Nothing that feeds a convolution is in the tail.
+    conv_inputs = {i for n in model.graph.node if n.op_type == "Conv" for i in n.input}
+    assert not any(set(by_name[name].output) & conv_inputs for name in tail)
+    assert set(excluded_nodes(preprocessed, QuantizeOptions())) == set(tail)
+    assert excluded_nodes(preprocessed, QuantizeOptions(float_tail=False)) == []
+
+
+def test_float_tail_keeps_boxes_closer_to_fp32(
+    preprocessed: Path, calibration_cache: Path, workdir: Path, frames: np.ndarray
+) -> None:
+    expected = _run(preprocessed, frames)
+    errors = {}
+    for float_tail in (True, False):
+        path = quantize_qdq(
+            preprocessed, workdir / f"tail-{float_tail}.onnx", calibration_cache, QuantizeOptions(float_tail=float_tail)
+        )
+        errors[float_tail] = float(np.abs(_run(path, frames)[..., :4] - expected[..., :4]).mean())
+    assert errors[True] < errors[False]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"symmetric_activations": True}, "needs activation_type 'qint8'"),
+        ({"calib_method": "kl"}, "calib_method"),
+        ({"per_chanel": True}, "Extra inputs are not permitted"),
+    ],
+)
+def test_incompatible_quantize_options_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantizeOptions(**options)  # type: ignore[arg-type]
+
+
+def test_unknown_excluded_node_is_an_error(preprocessed: Path) -> None:
+    with pytest.raises(QuantizationError, match="unknown node 'no_such_conv'"):
+        excluded_nodes(preprocessed, QuantizeOptions(nodes_to_exclude=("no_such_conv",)))
