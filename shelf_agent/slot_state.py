@@ -68,16 +68,25 @@ class SlotStateConfig(BaseModel):
         default=1.0, ge=0, description="contrary frames shorter than this do not break a run"
     )
     max_frame_gap_s: float = Field(default=2.0, gt=0, description="a longer gap between frames counts only this much")
-    present_coverage: float = Field(default=0.1, ge=0, le=1, description="products this visible mean 'not empty'")
-    low_coverage: float = Field(default=0.2, ge=0, le=1, description="an ok slot (min_facings > 1) below this is low")
-    ok_coverage: float = Field(default=0.3, ge=0, le=1, description="a low/empty slot must reach this to be ok again")
+    present_coverage: float = Field(
+        default=0.25, ge=0, le=1, description="products covering this much count as present even if no box is centred"
+    )
+    low_gap_coverage: float = Field(
+        default=0.05, gt=0, le=1, description="gap evidence (besides a gap box centred in the slot) needed for 'low'"
+    )
     empty_gap_coverage: float = Field(default=0.4, gt=0, le=1, description="gap evidence needed for 'empty'")
+    low_coverage: float = Field(
+        default=0.0, ge=0, le=1, description="optional: below this product coverage a multi-facing slot is low"
+    )
+    ok_coverage: float = Field(
+        default=0.0, ge=0, le=1, description="optional: a low/empty slot must reach this coverage to be ok again"
+    )
     occlusion: OcclusionConfig = Field(default_factory=lambda: OcclusionConfig())
 
     @model_validator(mode="after")
     def _ordered(self) -> SlotStateConfig:
-        if not self.present_coverage <= self.low_coverage <= self.ok_coverage:
-            raise ValueError("coverages must satisfy present_coverage <= low_coverage <= ok_coverage (hysteresis)")
+        if self.low_coverage > self.ok_coverage:
+            raise ValueError("low_coverage must not exceed ok_coverage (hysteresis)")
         return self
 
 
@@ -168,22 +177,37 @@ class SlotStateMachine:
 
     # -- per frame -----------------------------------------------------------------------------------------
 
-    def _observe(self, obs: SlotObservation) -> np.ndarray:
-        """One level per slot, OCCLUDED meaning 'no usable evidence'; thresholds depend on the current state."""
+    def _observe(self, obs: SlotObservation) -> tuple[np.ndarray, np.ndarray]:
+        """One level per slot, OCCLUDED meaning 'no usable evidence'; thresholds depend on the current state.
+
+        Also returns, for OCCLUDED slots, the level their partial evidence is consistent with (-1 if none):
+        products but no gap visible is consistent with ok, a gap but no products with empty. That evidence
+        keeps an already running confirmation going while part of the slot is hidden, but never starts one.
+
+        Every downgrade needs POSITIVE gap evidence: fewer products without a visible gap is what a shopper
+        standing in front looks like, so it is held, never called low or empty. Going back up needs the slot
+        clearly refilled (enough facings and, for multi-facing slots, no gap left); in between a downgraded
+        slot stays downgraded (hysteresis).
+        """
         cfg = self.config
-        count, cov = obs.product_count, obs.product_coverage
+        count, cov, multi = obs.product_count, obs.product_coverage, self._multi
         present = (count >= 1) | (cov >= cfg.present_coverage)
-        enough = count >= self._need
-        stay_ok = np.where(self._multi, enough & (cov >= cfg.low_coverage), present)
-        enter_ok = enough & (cov >= cfg.ok_coverage)
-        is_ok = np.where(self.state == OK, stay_ok, enter_ok)
-        gap = ~present & (obs.gap_coverage >= cfg.empty_gap_coverage)
+        gap_seen = (obs.gap_count >= 1) | (obs.gap_coverage >= cfg.low_gap_coverage)
+        sufficient = np.where(multi, (count >= self._need) & (cov >= cfg.low_coverage), present)
+        clearly_full = sufficient & (count >= 1) & (cov >= cfg.ok_coverage) & ~(multi & gap_seen)
+        downgraded = (self.state == LOW) | (self.state == EMPTY)
+        is_ok = present & np.where(downgraded, clearly_full, sufficient)
+        is_low = present & multi & ~is_ok & np.where(sufficient, downgraded, gap_seen)
+        is_empty = ~present & (obs.gap_coverage >= cfg.empty_gap_coverage)
         observed = np.full(len(self.slot_ids), OCCLUDED, np.int8)
-        # Products present but neither clearly ok nor (for single-facing slots) low: ambiguous, so held.
-        observed[present & self._multi] = LOW
-        observed[present & is_ok] = OK
-        observed[gap] = EMPTY
-        return observed
+        observed[is_ok] = OK
+        observed[is_low] = LOW
+        observed[is_empty] = EMPTY
+        hidden = observed == OCCLUDED
+        partial = np.full(len(self.slot_ids), -1, np.int8)
+        partial[hidden & present & ~gap_seen] = OK
+        partial[hidden & ~present & gap_seen] = EMPTY
+        return observed, partial
 
     def _color_jump(self, obs: SlotObservation, dt: float) -> np.ndarray:
         occ = self.config.occlusion
@@ -233,15 +257,19 @@ class SlotStateMachine:
         dt = 0.0 if self._last_time is None else min(max(t - self._last_time, 0.0), cfg.max_frame_gap_s)
         self._last_time = t if self._last_time is None else max(t, self._last_time)
 
-        observed = self._observe(observation)
-        flipped = (self._prev_observed >= 0) & (observed != self._prev_observed)
+        observed, partial = self._observe(observation)
+        # Only changes for the worse count towards a mass change (levels are ordered ok < low < empty <
+        # occluded): a shopper arriving is suspicious, a shopper leaving is not.
+        prev = self._prev_observed
+        flipped = (prev >= 0) & (prev != OCCLUDED) & (observed > prev)
         flipped |= self._color_jump(observation, dt)
         self._prev_observed = observed
         self._changed_at[flipped] = t
         mass = self._mass_change(t)
         self._hold_until[mass] = np.maximum(self._hold_until[mass], t + occ.settle_s)
-        held = (observed == OCCLUDED) | (self._hold_until > t)
-        confirmed = self._advance_runs(observation, observed, ~held, dt, t)
+        settling = self._hold_until > t
+        held = (observed == OCCLUDED) | settling
+        confirmed = self._advance_runs(observation, observed, partial, ~held, dt, t)
 
         # Published occlusion is debounced so a slot on the edge of a shopper does not flap.
         self._held_since[held & ~self._held] = t
@@ -264,18 +292,28 @@ class SlotStateMachine:
         ]
 
     def _advance_runs(
-        self, obs: SlotObservation, observed: np.ndarray, active: np.ndarray, dt: float, t: float
+        self,
+        obs: SlotObservation,
+        observed: np.ndarray,
+        partial: np.ndarray,
+        active: np.ndarray,
+        dt: float,
+        t: float,
     ) -> np.ndarray:
-        """Update the (slot, level) runs of unheld slots; returns the confirmed level per slot or -1."""
+        """Update the (slot, level) runs; held slots stay frozen except for runs their partial evidence
+        supports. Returns the confirmed level per slot or -1."""
         cfg = self.config
         # The slot's own level needs no run: only a different level can be confirmed.
-        seen = (observed[:, None] == _LEVELS[None, :]) & active[:, None] & (_LEVELS[None, :] != self.state[:, None])
-        running = self._run_active & active[:, None]
+        other = _LEVELS[None, :] != self.state[:, None]
+        seen = (observed[:, None] == _LEVELS[None, :]) & active[:, None] & other
+        extended = (partial[:, None] == _LEVELS[None, :]) & self._run_active & other
+        running = self._run_active & (active[:, None] | extended)
+        seen |= extended
         self._run_elapsed[running] += dt
         self._run_missing[running & ~seen] += dt
         self._run_missing[seen] = 0.0
         self._run_active &= ~(running & (self._run_missing > cfg.miss_tolerance_s))
-        start = seen & ~self._run_active
+        start = seen & ~self._run_active & ~extended
         self._run_active |= start
         self._run_first[start] = t
         self._run_elapsed[start] = 0.0
