@@ -37,7 +37,8 @@ class NoiseBank:
 
     @staticmethod
     def _tile(rng: np.random.Generator, sigma: float, shape: tuple[int, int]) -> np.ndarray:
-        return np.clip(128.0 + rng.normal(0.0, sigma, size=(*shape, 3)), 0, 255).astype(np.uint8)
+        noise = rng.standard_normal(size=(*shape, 3), dtype=np.float32)
+        return np.clip(noise * np.float32(sigma) + np.float32(128.0), 0, 255).astype(np.uint8)
 
     def tile(self, index: int, dx: int, dy: int) -> np.ndarray:
         width, height = self.frame_size

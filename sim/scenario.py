@@ -137,7 +137,7 @@ def event_end(event: Any) -> float:
 def _schema_loc(error: Any) -> tuple[tuple[Any, ...], str]:
     """Rewrite pydantic's location for the event union so it names YAML keys, not union tags."""
     loc = tuple(error["loc"])
-    msg = str(error["msg"])
+    msg = str(error["msg"]).removeprefix("Value error, ")
     expected = ", ".join(EVENT_TYPES)
     if len(loc) >= 2 and loc[0] == "events":
         if error["type"] == "union_tag_invalid":
