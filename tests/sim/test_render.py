@@ -146,16 +146,18 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_same_scenario_and_seed_render_identically(tmp_path: Path):
-    scenario = load_scenario(_write(tmp_path))
-    first = render_scenario(scenario, tmp_path / "a", png_frames=True)
-    second = render_scenario(scenario, tmp_path / "b", png_frames=True)
-    assert first.video is None and first.frames_dir is not None and second.frames_dir is not None
-    assert len(list(first.frames_dir.glob("*.png"))) == 30
-    assert first.truth.read_bytes() == second.truth.read_bytes()
-    assert _digest(first.frames_dir) == _digest(second.frames_dir)
+    path = _write(tmp_path)
+    assert main(["render", str(path), "--out", str(tmp_path / "a"), "--png-frames", "--quiet"]) == 0
+    first = tmp_path / "a"
+    assert not (first / "video.mp4").exists()
+    assert len(list((first / "frames").glob("*.png"))) == 30
+    second = render_scenario(load_scenario(path), tmp_path / "b", png_frames=True)
+    assert second.frames_dir is not None and second.video is None
+    assert (first / "truth.json").read_bytes() == second.truth.read_bytes()
+    assert _digest(first / "frames") == _digest(second.frames_dir)
     other = render_scenario(load_scenario(_write(tmp_path, seed=6)), tmp_path / "c", png_frames=True)
     assert other.frames_dir is not None
-    assert _digest(other.frames_dir) != _digest(first.frames_dir)
+    assert _digest(other.frames_dir) != _digest(first / "frames")
 
 
 def test_cli_reports_a_bad_scenario_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
