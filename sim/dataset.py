@@ -59,7 +59,7 @@ def _random_shoppers(rng: np.random.Generator, scene: ShelfScene) -> list[Sprite
     for _ in range(int(rng.integers(1, 3))):
         w, h = rng.uniform(0.1, 0.3) * width, rng.uniform(0.25, 0.5) * height
         x, y = rng.uniform(-0.1 * width, width - 0.5 * w), rng.uniform(0.1, 0.55) * height
-        blur = scene.look.blur_sigma if scene.look is not None else 0.0
+        blur = scene.look.blur_sigma
         shoppers.append(shopper_sprite((x, y, x + w, y + h), scene.frame_size, rng, 0, blur))
     return shoppers
 
@@ -72,10 +72,9 @@ def synth_image(seed: int, index: int, frame_size: tuple[int, int]) -> SynthImag
     for slot_index, present in enumerate(missing_facings(rng, [slot.facings for slot in scene.slots])):
         renderer.set_present(slot_index, present)
     shoppers = _random_shoppers(rng, scene)
-    look = scene.look
     noise = None
-    if look is not None and look.noise_sigma > 0.5:
-        noise = NoiseBank(frame_size, look.noise_sigma, rng, tiles=1, margin=0).tile(0, 0, 0)
+    if scene.look.noise_sigma > 0.5:
+        noise = NoiseBank(frame_size, scene.look.noise_sigma, rng, tiles=1, margin=0).tile(0, 0, 0)
     image, classes, boxes = renderer.compose(shoppers, 1.0, noise)
     return SynthImage(image.copy(), classes.copy(), boxes.copy())
 

@@ -246,7 +246,6 @@ def _paint_board(
 
 def paint_shelf(scene: ShelfScene) -> tuple[np.ndarray, np.ndarray]:
     """(fully stocked canvas, empty canvas): a missing facing shows the empty canvas in its cell."""
-    assert scene.style is not None
     style = scene.style
     rng = np.random.default_rng([scene.seed, 2])
     cw, ch = scene.canvas_size

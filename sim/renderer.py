@@ -80,7 +80,6 @@ def visible_boxes(
 
 class SceneRenderer:
     def __init__(self, scene: ShelfScene):
-        assert scene.look is not None
         self.scene = scene
         self.frame_size = scene.frame_size
         width, height = scene.frame_size
@@ -117,7 +116,6 @@ class SceneRenderer:
     # --- scene build -------------------------------------------------------------------------------------------
     def _gain_map(self) -> np.ndarray:
         look = self.scene.look
-        assert look is not None
         width, height = self.frame_size
         nx = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
         ny = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
@@ -127,7 +125,6 @@ class SceneRenderer:
 
     def _to_camera(self, canvas: np.ndarray, gain: np.ndarray) -> np.ndarray:
         look = self.scene.look
-        assert look is not None
         image = cv2.warpPerspective(
             canvas, self.scene.homography, self.frame_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )

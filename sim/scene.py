@@ -126,13 +126,13 @@ class ShelfScene:
     frame_size: tuple[int, int]  # width, height
     canvas_size: tuple[int, int]
     homography: np.ndarray = field(compare=False, repr=False)  # canvas -> frame, 3x3 float64
-    unit_rect: Rect = (0.0, 0.0, 0.0, 0.0)
-    header_rect: Rect = (0.0, 0.0, 0.0, 0.0)
-    board_rects: tuple[Rect, ...] = ()
-    slots: tuple[SlotGeometry, ...] = ()
-    style: ShelfStyle | None = None
-    look: CameraLook | None = None
-    seed: int = 0
+    unit_rect: Rect
+    header_rect: Rect
+    board_rects: tuple[Rect, ...]
+    slots: tuple[SlotGeometry, ...]
+    style: ShelfStyle
+    look: CameraLook
+    seed: int
 
 
 def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> BGR:

@@ -87,8 +87,7 @@ class ScenarioPlayer:
     def _shopper(self, slots: tuple[str, ...], rng: np.random.Generator) -> Sprite:
         quads = self.renderer.slot_quads[[self.slot_index[s] for s in slots]].reshape(-1, 2)
         target = (*quads.min(axis=0).tolist(), *quads.max(axis=0).tolist())
-        look = self.scene.look
-        blur = look.blur_sigma if look is not None else 0.0
+        blur = self.scene.look.blur_sigma
         return shopper_sprite((target[0], target[1], target[2], target[3]), self.frame_size, rng, SHOPPER_SWAY_PX, blur)
 
     def frames(self) -> Iterator[ScenarioFrame]:
