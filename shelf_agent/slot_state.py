@@ -249,7 +249,7 @@ class SlotStateMachine:
 
     def update(self, observation: SlotObservation, frame_time_s: float) -> list[SlotTransition]:
         """Advance all slots by one frame; returns the published-state changes (with alerts) of this frame."""
-        if observation.slot_ids != self.slot_ids:
+        if observation.slot_ids is not self.slot_ids and observation.slot_ids != self.slot_ids:
             raise ValueError("observation slots differ from the state machine's slots")
         cfg, occ = self.config, self.config.occlusion
         t = float(frame_time_s)

@@ -234,8 +234,8 @@ class SlotZones:
             )
             signs = np.repeat(np.array([1, -1, -1, 1], dtype=np.int32), len(xyxy))
             np.add.at(diff.reshape(-1), corners, signs)
-            np.cumsum(diff, axis=1, out=diff)
-            np.cumsum(diff, axis=2, out=diff)
+            np.cumsum(diff, axis=1, dtype=diff.dtype, out=diff)
+            np.cumsum(diff, axis=2, dtype=diff.dtype, out=diff)
         covered = diff.reshape(-1)[self._plane_cells] > 0
         counts = np.bincount(self._plane_labels[covered], minlength=2 * n_slots)
         return (counts.reshape(2, n_slots) / self.slot_cells).astype(np.float32)

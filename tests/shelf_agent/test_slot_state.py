@@ -348,3 +348,58 @@ def test_timestamps_going_backwards_do_not_confirm_anything():
     # A camera clock reset: timestamps restart at 0; 5 s of empty frames must not count as 12 + s.
     run = play(machine, zones, [("R1S1", 0.0, 99, "empty")], 5)
     assert run.events == []
+
+
+TRUTH_SCENARIO = """\
+name: slot-state-truth
+seed: 11
+duration_s: 50
+fps: 5
+camera: {width: 640, height: 360, noise: 0.02, jitter_px: 1.0}
+shelf: {rows: 3, slots_per_row: 6, facings_per_slot: 3}
+events:
+  - {t: 2, type: deplete, slot: R2S4, duration_s: 3}
+  - {t: 8, type: occlude, slots: [R1S1, R1S2, R2S1, R2S2], duration_s: 15}
+  - {t: 26, type: restock, slot: R2S4, duration_s: 2}
+  - {t: 30, type: lighting, factor: 0.6, duration_s: 6}
+  - {t: 34, type: deplete, slot: R3S6, duration_s: 2}
+"""
+
+
+def test_simulator_truth_boxes_give_exactly_the_expected_alerts(tmp_path):
+    """shelf-sim render -> truth.json + layout.yaml -> zones + state machine -> DESIGN section 4 scoring."""
+    sim_cli = pytest.importorskip("shelfsight.sim.cli")
+    from shelfsight.shelf_agent.layout import load_layout
+    from shelfsight.shelf_agent.scoring import score_alerts
+    from shelfsight.shelf_agent.zones import product_gap_class_ids
+
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(TRUTH_SCENARIO, encoding="utf-8")
+    out = tmp_path / "render"
+    assert sim_cli.main(["render", str(scenario), "--out", str(out)]) == 0
+    truth = json.loads((out / "truth.json").read_text(encoding="utf-8"))
+    layout = load_layout(out / "layout.yaml")
+    product, gap = product_gap_class_ids(truth["classes"])
+    frame_size = (truth["frame_size"]["width"], truth["frame_size"]["height"])
+    zones = SlotZones(layout, frame_size, product_class=product, gap_class=gap)
+    machine = SlotStateMachine.from_zones(zones, SlotStateConfig(dwell_s=DWELL))
+
+    raised: list[SlotTransition] = []
+    occluded_mid_shopper: dict[str, str] = {}
+    for frame in truth["frames"]:
+        rows = np.array(frame["boxes"], dtype=np.float64).reshape(-1, 5)
+        detections = Detections(rows[:, 1:], np.ones(len(rows)), rows[:, 0].astype(int))
+        raised += [tr for tr in machine.update(zones.measure(detections), frame["t"]) if tr.event is not None]
+        if frame["t"] == 20.0:
+            occluded_mid_shopper = machine.states()
+
+    expected = truth["expected_alerts"]
+    assert {(e["type"], e["slot"]) for e in expected} == {
+        ("stockout", "R2S4"),
+        ("restocked", "R2S4"),
+        ("stockout", "R3S6"),
+    }
+    score = score_alerts(raised, expected, DWELL)
+    assert (score.precision, score.recall) == (1.0, 1.0), score.summary()
+    assert score.p95_delay is not None and score.p95_delay <= DWELL + 2.0
+    assert all(occluded_mid_shopper[s] == "occluded" for s in ("R1S1", "R1S2", "R2S1", "R2S2"))
