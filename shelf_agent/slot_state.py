@@ -1,11 +1,14 @@
 """Slot state machine: turns per-frame ``SlotObservation``s into confirmed, typed slot transitions.
 
 Each frame every slot gets one *observed level* (ok / low / empty) or is *held* (occluded: no usable evidence,
-or part of a mass change that a shopper most likely caused). A level different from the slot's state must be
-observed for ``dwell_s`` of frame time before it is confirmed; short contrary blips (``miss_tolerance_s``) do not
-restart the clock, held frames freeze it. Events (stockout / low_stock / restocked) are attached to confirmed
-transitions and never repeated for a slot that is already reported; ``snapshot``/``restore`` carry that across
-restarts. All timing comes from the frame timestamps passed to ``update``, never from the wall clock.
+or part of a mass change that a shopper most likely caused). Low and empty need POSITIVE gap evidence, so an
+occluder, which hides products and gaps alike, is held and never looks empty. A level different from the slot's
+state must be observed for ``dwell_s`` of frame time before it is confirmed; short contrary blips
+(``miss_tolerance_s``) do not restart the clock, held frames freeze it (partial evidence consistent with a
+running confirmation keeps it going, but never starts one). Events (stockout / low_stock / restocked) are
+attached to confirmed transitions and never repeated for a slot that is already reported; ``snapshot`` and
+``restore`` carry that across restarts. All timing comes from the frame timestamps passed to ``update``,
+never from the wall clock.
 """
 
 from __future__ import annotations
