@@ -1,33 +1,29 @@
-"""``export-model --int8``: FP32 -> (prune -> fine-tune) -> calibrate -> quantize -> evaluate -> gate -> report.
+"""``export-model CHECKPOINT --int8``: FP32 -> (prune -> fine-tune) -> calibrate -> quantize -> evaluate -> gate.
 
-Each step is a function ``step(inputs, options) -> Path`` with typed options, so a step can be run, tested and
-reasoned about on its own; :func:`run_int8_export` only strings them together. Options that do not make sense
-together are refused when the options are built, never quietly adjusted.
+Each step is a function ``step(inputs, options) -> Path`` with typed options (the pruning steps live in
+``shelfsight.export.prune``), so a step can be run and tested on its own; :func:`run_int8_export` only strings them
+together. Options that do not make sense together are refused when the options are built, never quietly adjusted.
 
-Output folder (written to a temporary sibling and renamed at the end, so a crash never leaves a half-written folder
-that looks valid)::
+Output folder, written to a temporary sibling and renamed at the end so a crash never leaves a half-written folder
+that looks valid::
 
-    OUT/fp32/            model.onnx + manifest.json           the FP32 parent
-    OUT/int8/            Q/DQ INT8 for ONNX Runtime CPU       (QUInt8 activations, QInt8 per-channel weights)
-    OUT/int8-tensorrt/   Q/DQ INT8 for TensorRT               (symmetric QInt8 everywhere; explicit quantization)
-    OUT/pruned-fp32/     pruned (+ fine-tuned) FP32, with pruned.pt
-    OUT/pruned-int8/     ... and its INT8 versions
+    OUT/fp32/                 model.onnx + manifest.json: the FP32 parent
+    OUT/int8/                 Q/DQ INT8 for ONNX Runtime on CPU (QUInt8 activations, QInt8 per-channel weights)
+    OUT/int8-tensorrt/        Q/DQ INT8 for TensorRT explicit quantization (symmetric QInt8 everywhere)
+    OUT/pruned-fp32/          pruned (+ fine-tuned) FP32 with pruned.pt; OUT/pruned-int8*/ its INT8 versions
     OUT/report.json, report.md, report.png
-    OUT/rejected/        INT8 variants whose mAP50 drop exceeded --max-map-drop (the command then exits non-zero)
+    OUT/rejected/             INT8 variants whose mAP50 drop exceeded --max-map-drop, with a copy of the report
+                              (the run then raises Int8GateError: non-zero exit)
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,13 +41,11 @@ from shelfsight.export.quantize import (
     quantize_qdq,
     verify_int8_kernels,
 )
-from shelfsight.export.report import LatencyStats, VariantResult, measure_ort_latency, write_report
+from shelfsight.export.report import VariantResult, measure_ort_latency, write_report
 from shelfsight.runtime.errors import ShelfSightError
 from shelfsight.runtime.manifest import (
     MANIFEST_FILENAME,
-    Manifest,
     Metrics,
-    Provenance,
     artifact_for,
     load_manifest,
     resolve_artifact,
@@ -63,8 +57,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILENAME = "model.onnx"
 CALIBRATION_FILENAME = "calibration.json"
-PRUNED_CHECKPOINT = "pruned.pt"
 REJECTED_DIR = "rejected"
+REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
 class Int8GateError(ShelfSightError):
@@ -129,143 +123,28 @@ class Int8ExportOptions(BaseModel):
 # --- steps ---------------------------------------------------------------------------------------------------------
 
 
-def _tool_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("torch", "onnx", "onnxruntime", "torch-pruning", "shelfsight"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[package] = metadata.version(package)
-    return versions
-
-
 @dataclass(frozen=True)
 class Fp32StepOptions:
-    imgsz: int | None
-    name: str | None
-    opset: int
-    command: str | None
+    imgsz: int | None = None
+    name: str | None = None
+    opset: int = 17
+    command: str | None = None
 
 
 def export_fp32_step(checkpoint: Path, out_dir: Path, options: Fp32StepOptions) -> Path:
     """Checkpoint -> FP32 ONNX folder via the detector's exporter (with its PyTorch-vs-ORT parity gate)."""
     from shelfsight.export.onnx_export import ExportOptions, export_onnx
 
-    return export_onnx(
-        checkpoint,
-        out_dir,
-        ExportOptions(imgsz=options.imgsz, name=options.name, opset=options.opset, command=options.command),
-    )
-
-
-def export_pruned_fp32_step(pruned_checkpoint: Path, out_dir: Path, options: Fp32StepOptions) -> Path:
-    """Pruned checkpoint -> FP32 ONNX folder, with the same writer and parity gate as the unpruned export."""
-    from shelfsight.export.onnx_export import ExportError, ExportOptions, check_parity, parity_frames, write_onnx
-    from shelfsight.export.prune import PRUNING_KEY, load_pruned_checkpoint
-    from shelfsight.export.torch_detector import TorchDetector
-
-    model, meta = load_pruned_checkpoint(pruned_checkpoint)
-    imgsz = options.imgsz or meta.imgsz
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = write_onnx(model, imgsz, out_dir / MODEL_FILENAME, options.opset)
-    export_options = ExportOptions(imgsz=imgsz, opset=options.opset)
-    reference = TorchDetector(model, meta.class_names, imgsz, conf_threshold=export_options.parity_conf)
-    parity = check_parity(onnx_path, reference, parity_frames(export_options, imgsz), export_options)
-    if not parity.ok(export_options):
-        raise ExportError(f"{onnx_path}: ONNX Runtime output differs from PyTorch: {parity.summary()}")
-    shutil.copyfile(pruned_checkpoint, out_dir / PRUNED_CHECKPOINT)
-    record = meta.extra.get(PRUNING_KEY) or {}
-    manifest = Manifest(
-        name=options.name or pruned_checkpoint.stem,
-        classes=meta.class_names,
-        input=reference.input_spec,
-        output=reference.output_spec,
-        precision="fp32",
-        artifacts=[
-            artifact_for(out_dir, MODEL_FILENAME, "model"),
-            artifact_for(out_dir, PRUNED_CHECKPOINT, "checkpoint"),
-        ],
-        provenance=Provenance(
-            source_checkpoint_sha256=record.get("source_checkpoint_sha256"),
-            pruning_ratio=record.get("ratio"),
-            exporter=f"torch.onnx.export(dynamo=True, opset={options.opset}), BN folded, pruned",
-            command=options.command or " ".join(sys.argv),
-            tool_versions=_tool_versions(),
-        ),
-    )
-    return write_manifest(manifest, out_dir)
-
-
-@dataclass(frozen=True)
-class PruneStepOptions:
-    ratio: float
-    imgsz: int | None
-
-
-def prune_step(checkpoint: Path, out_path: Path, options: PruneStepOptions) -> Path:
-    """Checkpoint -> pruned checkpoint (channels removed, not yet fine-tuned)."""
-    from shelfsight.export.model import load_checkpoint
-    from shelfsight.export.prune import PruneOptions, prune_detector, save_pruned_checkpoint
-
-    model, meta = load_checkpoint(checkpoint)
-    imgsz = options.imgsz or meta.imgsz
-    result = prune_detector(model, PruneOptions(ratio=options.ratio, imgsz=imgsz))
-    return save_pruned_checkpoint(
-        result,
-        result.model,
-        meta.class_names,
-        imgsz,
-        out_path,
-        extra_record={"source_checkpoint_sha256": sha256_file(checkpoint)},
-    )
-
-
-@dataclass(frozen=True)
-class FinetuneStepOptions:
-    train_data: Path
-    epochs: int
-    batch: int
-    lr: float
-    imgsz: int | None
-    val_limit: int | None
-
-
-def finetune_step(pruned_checkpoint: Path, out_dir: Path, options: FinetuneStepOptions) -> Path:
-    """Fine-tune a pruned checkpoint with the project's trainer; -> a pruned checkpoint with the trained weights."""
-    from shelfsight.export import train as trainer
-    from shelfsight.export.data import load_data_yaml
-    from shelfsight.export.prune import PRUNING_KEY, load_pruned_checkpoint, resave_with_record
-
-    if "model" not in inspect.signature(trainer.train).parameters:
-        raise ShelfSightError(
-            "fine-tuning a pruned model needs the trainer to accept a built model (train(cfg, model=...)); "
-            "this version's trainer does not"
-        )
-    model, meta = load_pruned_checkpoint(pruned_checkpoint)
-    classes = load_data_yaml(options.train_data).names
-    if classes != meta.class_names:
-        raise ShelfSightError(f"{options.train_data}: classes {classes} differ from the model's {meta.class_names}")
-    config = trainer.TrainConfig(
-        data=options.train_data,
-        out=out_dir,
-        epochs=options.epochs,
-        imgsz=options.imgsz or meta.imgsz,
-        batch=options.batch,
-        lr=options.lr,
-        warmup_epochs=0.0,
-        val_every=max(1, options.epochs),
-        val_limit=options.val_limit,
-        progress=False,
-    )
-    result = trainer.train(config, model=model)  # type: ignore[call-arg]
-    trained = result.best or result.last
-    return resave_with_record(trained, out_dir / PRUNED_CHECKPOINT, meta.extra.get(PRUNING_KEY) or {})
+    export_options = ExportOptions(imgsz=options.imgsz, name=options.name, opset=options.opset, command=options.command)
+    return export_onnx(checkpoint, out_dir, export_options)
 
 
 @dataclass(frozen=True)
 class CalibrationStepOptions:
     source: Path
-    count: int
-    seed: int
-    split: str
+    count: int = 300
+    seed: int = 0
+    split: str = "train"
 
 
 def calibration_set_step(options: CalibrationStepOptions) -> CalibrationImageSet:
@@ -289,22 +168,35 @@ class QuantizeOutcome:
 def quantize_step(
     fp32_manifest: Path, images: CalibrationImageSet, out_dir: Path, options: QuantizeStepOptions
 ) -> QuantizeOutcome:
-    """FP32 model folder -> INT8 Q/DQ model folder. For the CPU target, fails unless every conv runs as INT8."""
+    """FP32 model folder -> INT8 Q/DQ model folder. For the CPU target it fails unless every conv runs as INT8.
+
+    Works for any model folder with a manifest, including hand-written manifests of third-party ONNX models.
+    """
+    from shelfsight.export.prune import tool_versions
+
     fp32 = load_manifest(fp32_manifest)
     fp32_onnx = resolve_artifact(fp32_manifest, fp32.artifact("model"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shelfsight-quant-") as tmp:
         pre = preprocess_for_quantization(fp32_onnx, Path(tmp) / "pre.onnx")
         digest = calibration_digest(images, fp32.input)
-        ranges = calibrate_tensor_ranges(
-            pre, ImageCalibrationReader(images, fp32.input), options.quantize.calib_method, digest, options.cache_dir
-        )
+        reader = ImageCalibrationReader(images, fp32.input)
+        ranges = calibrate_tensor_ranges(pre, reader, options.quantize.calib_method, digest, options.cache_dir)
         quantize_qdq(pre, out_dir / MODEL_FILENAME, ranges.cache_path, options.quantize)
         kernels = None
         if options.target == "cpu":
             kernels = inspect_int8_kernels(out_dir / MODEL_FILENAME, expected_float_convs(pre, options.quantize))
             verify_int8_kernels(kernels, out_dir / MODEL_FILENAME)
     shutil.copyfile(ranges.cache_path, out_dir / CALIBRATION_FILENAME)
+    provenance = fp32.provenance.model_copy(
+        update={
+            "calibration_method": options.quantize.calib_method,
+            "calibration_image_count": len(images),
+            "calibration_digest": digest,
+            "exporter": describe_quantization(options),
+            "tool_versions": tool_versions(),
+        }
+    )
     manifest = fp32.model_copy(
         update={
             "name": f"{fp32.name}-int8" + ("-tensorrt" if options.target == "tensorrt" else ""),
@@ -313,39 +205,42 @@ def quantize_step(
                 artifact_for(out_dir, MODEL_FILENAME, "model"),
                 artifact_for(out_dir, CALIBRATION_FILENAME, "calibration_cache"),
             ],
-            "provenance": fp32.provenance.model_copy(
-                update={
-                    "calibration_method": options.quantize.calib_method,
-                    "calibration_image_count": len(images),
-                    "calibration_digest": digest,
-                    "exporter": _quantizer_description(options),
-                    "tool_versions": _tool_versions(),
-                }
-            ),
+            "provenance": provenance,
             "metrics": Metrics(),
         }
     )
     return QuantizeOutcome(write_manifest(manifest, out_dir), kernels, ranges.cache_hit)
 
 
-def _quantizer_description(options: QuantizeStepOptions) -> str:
+def describe_quantization(options: QuantizeStepOptions) -> str:
     q = options.quantize
-    return (
-        f"onnxruntime quantize_static QDQ for {options.target}: activations {q.activation_type}"
-        f"{' symmetric' if q.symmetric_activations else ''}, weights {q.weight_type} "
-        f"{'per-channel' if q.per_channel else 'per-tensor'}{', reduce_range' if q.reduce_range else ''}, "
-        f"{'float tail' if q.float_tail else 'all ops quantized'}"
-    )
+    parts = [
+        f"onnxruntime quantize_static QDQ for {options.target}",
+        f"activations {q.activation_type}{' symmetric' if q.symmetric_activations else ''}",
+        f"weights {q.weight_type} {'per-channel' if q.per_channel else 'per-tensor'}",
+    ]
+    parts += [
+        label
+        for flag, label in (
+            (q.reduce_range, "reduce_range"),
+            (q.float_tail, "float tail"),
+            (q.float_stem, "float stem"),
+            (q.share_concat_ranges, "shared concat ranges"),
+        )
+        if flag
+    ]
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
 class EvaluateStepOptions:
     val_data: Path
-    limit: int | None
+    limit: int | None = None
+    threads: int = 2
 
 
 def evaluate_step(manifest_path: Path, options: EvaluateStepOptions) -> Any:
-    """mAP of an exported folder through the runtime's ORT backend (what the device runs) and the evaluator."""
+    """-> EvalResult of an exported folder, through the runtime's ORT backend (what the device runs)."""
     from shelfsight.export.data import load_data_yaml
     from shelfsight.export.evaluate import EVAL_CONF_THRESHOLD, EVAL_IOU_THRESHOLD, EVAL_MAX_DET, evaluate_detector
     from shelfsight.runtime.model import load_model
@@ -358,7 +253,7 @@ def evaluate_step(manifest_path: Path, options: EvaluateStepOptions) -> Any:
         )
     detector = load_model(
         manifest_path,
-        threads=2,
+        threads=options.threads,
         conf_threshold=EVAL_CONF_THRESHOLD,
         iou_threshold=EVAL_IOU_THRESHOLD,
         max_det=EVAL_MAX_DET,
@@ -370,16 +265,28 @@ def evaluate_step(manifest_path: Path, options: EvaluateStepOptions) -> Any:
 
 
 def record_metrics(manifest_path: Path, metrics: Metrics) -> Path:
-    """Write measured metrics into a manifest (the artifacts and their hashes are untouched)."""
+    """Write measured metrics into a manifest (artifacts and their hashes are untouched)."""
     manifest = load_manifest(manifest_path)
     return write_manifest(manifest.model_copy(update={"metrics": metrics}), manifest_path.parent)
 
 
+def apply_gate(results: list[VariantResult], max_map_drop: float) -> list[str]:
+    """Mark each gated variant passed/failed by its mAP50 drop from its parent; -> names of the failed ones.
+
+    A variant without a measured drop fails: an unmeasured model is not proven to be as accurate.
+    """
+    failed = []
+    for result in results:
+        if not result.gated:
+            continue
+        drop = result.map50_drop
+        result.passed = drop is not None and drop <= max_map_drop + 1e-9
+        if not result.passed:
+            failed.append(result.name)
+    return failed
+
+
 # --- output folder -------------------------------------------------------------------------------------------------
-
-
-def _manifests_under(folder: Path) -> list[Path]:
-    return sorted(p for p in [folder / MANIFEST_FILENAME, *folder.glob(f"*/{MANIFEST_FILENAME}")] if p.is_file())
 
 
 def check_output_folder(out: Path, source_sha256: str, force: bool) -> None:
@@ -390,7 +297,7 @@ def check_output_folder(out: Path, source_sha256: str, force: bool) -> None:
         raise OutputFolderError(f"{out}: exists and is not a folder")
     if force or not any(out.iterdir()):
         return
-    manifests = _manifests_under(out)
+    manifests = sorted(p for p in [out / MANIFEST_FILENAME, *out.glob(f"*/{MANIFEST_FILENAME}")] if p.is_file())
     if not manifests:
         raise OutputFolderError(f"{out}: not empty and holds no exported model; choose another --out or add --force")
     for path in manifests:
@@ -400,7 +307,7 @@ def check_output_folder(out: Path, source_sha256: str, force: bool) -> None:
             source = None
         if source != source_sha256:
             raise OutputFolderError(
-                f"{out}: already holds a different model ({path.parent.name}: source "
+                f"{out}: already holds a different model ({path.parent.name}: source checkpoint "
                 f"{(source or 'unknown')[:12]}); add --force to replace it"
             )
 
@@ -424,83 +331,41 @@ def finalize_output(staging: Path, out: Path) -> Path:
 class _Variant:
     result: VariantResult
     manifest: Path
-    eval_metrics: Any = None
     parent: _Variant | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    evaluation: Any = None
 
 
-def _model_bytes(manifest_path: Path) -> int:
-    manifest = load_manifest(manifest_path)
-    return (manifest_path.parent / manifest.artifact("model").path).stat().st_size
+def _model_file(manifest_path: Path) -> Path:
+    return manifest_path.parent / load_manifest(manifest_path).artifact("model").path
 
 
-def _cost(checkpoint: Path, pruned: bool, imgsz: int) -> tuple[int, int]:
-    from shelfsight.export.model import load_checkpoint
+def _fp32_variant(name: str, manifest: Path, checkpoint: Path, imgsz: int, parent: _Variant | None) -> _Variant:
     from shelfsight.export.prune import load_pruned_checkpoint, measure_cost
 
-    model, _ = (load_pruned_checkpoint if pruned else load_checkpoint)(checkpoint)
+    model, _ = load_pruned_checkpoint(checkpoint)  # loads unpruned checkpoints too (shapes equal the config)
     cost = measure_cost(model, imgsz)
-    return cost.params, cost.macs
+    result = VariantResult(name, "fp32", name, _model_file(manifest).stat().st_size, params=cost.params, macs=cost.macs)
+    result.parent = parent.result.name if parent else None
+    return _Variant(result, manifest, parent)
 
 
-def run_int8_export(checkpoint: Path, out: Path, options: Int8ExportOptions) -> Path:
-    """The whole ``--int8`` export. Returns the report.json path; raises Int8GateError after writing a rejection."""
-    from shelfsight.export.model import read_checkpoint
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    source_sha = sha256_file(checkpoint) if checkpoint.is_file() else ""
-    header = read_checkpoint(checkpoint)  # refuses non-checkpoints and unsafe pickles before any work
-    imgsz = options.imgsz or int(header["imgsz"])
-    check_output_folder(out, source_sha, options.force)
-    images = calibration_set_step(
-        CalibrationStepOptions(options.calib_data, options.calib_images, options.calib_seed, options.calib_split)
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        verdict, rejected = _run_variants(checkpoint, staging, images, imgsz, options)
-        finalize_output(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if rejected:
-        raise Int8GateError(f"{out}/{REJECTED_DIR}: {verdict}")
-    return out / "report.json"
-
-
-def _run_variants(
-    checkpoint: Path, staging: Path, images: CalibrationImageSet, imgsz: int, options: Int8ExportOptions
-) -> tuple[str, list[str]]:
-    cache_dir = options.calib_cache or default_cache_dir()
-    fp32_options = Fp32StepOptions(imgsz, options.name, options.opset, options.command)
-    evaluate_options = EvaluateStepOptions(options.val_data, options.val_limit)
-    variants: list[_Variant] = []
-
-    def add_fp32(name: str, manifest: Path, cost: tuple[int, int], parent: _Variant | None) -> _Variant:
-        precision = "fp32"
-        variant = _Variant(
-            VariantResult(name, precision, name, _model_bytes(manifest), params=cost[0], macs=cost[1]), manifest
-        )
-        variant.parent = parent
-        if parent is not None:
-            variant.result.parent = parent.result.name
-        variants.append(variant)
-        return variant
-
-    def add_int8(parent: _Variant, target: Literal["cpu", "tensorrt"]) -> None:
-        prefix = "" if parent.result.name == "fp32" else parent.result.name.removesuffix("-fp32") + "-"
+def _int8_variants(
+    parent: _Variant, images: CalibrationImageSet, staging: Path, options: Int8ExportOptions
+) -> list[_Variant]:
+    targets: list[Literal["cpu", "tensorrt"]] = ["cpu", "tensorrt"] if options.tensorrt_variant else ["cpu"]
+    prefix = "" if parent.result.name == "fp32" else parent.result.name.removesuffix("-fp32") + "-"
+    variants = []
+    for target in targets:
         name = f"{prefix}int8" + ("-tensorrt" if target == "tensorrt" else "")
-        outcome = quantize_step(
-            parent.manifest,
-            images,
-            staging / name,
-            QuantizeStepOptions(options.quantize_options(target), cache_dir, target),
+        step_options = QuantizeStepOptions(
+            options.quantize_options(target), options.calib_cache or default_cache_dir(), target
         )
+        outcome = quantize_step(parent.manifest, images, staging / name, step_options)
         result = VariantResult(
             name,
             "int8",
             name,
-            _model_bytes(outcome.manifest),
+            _model_file(outcome.manifest).stat().st_size,
             parent=parent.result.name,
             params=parent.result.params,
             macs=parent.result.macs,
@@ -510,124 +375,149 @@ def _run_variants(
             result.int8_kernels = outcome.kernels.summary()
         else:
             result.notes.append(
-                "for TensorRT (symmetric INT8): most convolutions stay float on the ORT CPU provider, "
-                "so its CPU latency is not measured"
+                "symmetric INT8 for TensorRT: ONNX Runtime's CPU kernels leave many of its "
+                "convolutions in float, so no CPU latency is reported for it"
             )
-        result.notes.append("calibration cache " + ("hit" if outcome.calibration_cache_hit else "computed"))
-        variants.append(_Variant(result, outcome.manifest, parent=parent))
+        result.notes.append("calibration ranges " + ("from cache" if outcome.calibration_cache_hit else "computed"))
+        variants.append(_Variant(result, outcome.manifest, parent))
+    return variants
 
-    fp32 = add_fp32(
-        "fp32", export_fp32_step(checkpoint, staging / "fp32", fp32_options), _cost(checkpoint, False, imgsz), None
+
+def _pruned_variant(
+    checkpoint: Path, fp32: _Variant, staging: Path, imgsz: int, options: Int8ExportOptions
+) -> _Variant:
+    from shelfsight.export.prune import (
+        FinetuneStepOptions,
+        PrunedExportOptions,
+        PruneStepOptions,
+        export_pruned_step,
+        finetune_step,
+        prune_step,
     )
-    add_int8(fp32, "cpu")
-    if options.tensorrt_variant:
-        add_int8(fp32, "tensorrt")
-    if options.prune is not None:
-        work = staging / ".work"
-        pruned_ckpt = prune_step(checkpoint, work / PRUNED_CHECKPOINT, PruneStepOptions(options.prune, imgsz))
+
+    assert options.prune is not None
+    with tempfile.TemporaryDirectory(prefix="shelfsight-prune-") as tmp:
+        pruned = prune_step(checkpoint, Path(tmp) / "pruned.pt", PruneStepOptions(options.prune, imgsz))
         if options.finetune_epochs:
-            assert options.train_data is not None  # checked by the options validator
-            pruned_ckpt = finetune_step(
-                pruned_ckpt,
-                work / "finetune",
-                FinetuneStepOptions(
-                    options.train_data,
-                    options.finetune_epochs,
-                    options.finetune_batch,
-                    options.finetune_lr,
-                    imgsz,
-                    options.val_limit,
-                ),
+            assert options.train_data is not None  # enforced by Int8ExportOptions
+            finetune = FinetuneStepOptions(
+                options.train_data,
+                options.finetune_epochs,
+                options.finetune_batch,
+                options.finetune_lr,
+                imgsz,
+                options.val_limit,
             )
-        pruned_options = Fp32StepOptions(
-            imgsz, f"{load_manifest(fp32.manifest).name}-pruned", options.opset, options.command
+            pruned = finetune_step(pruned, Path(tmp) / "finetune", finetune)
+        export_options = PrunedExportOptions(
+            f"{load_manifest(fp32.manifest).name}-pruned", imgsz, options.opset, options.command
         )
-        pruned_manifest = export_pruned_fp32_step(pruned_ckpt, staging / "pruned-fp32", pruned_options)
-        pruned = add_fp32("pruned-fp32", pruned_manifest, _cost(pruned_ckpt, True, imgsz), fp32)
-        pruned.result.notes.append(
-            f"pruned {options.prune:.0%} of channels, fine-tuned {options.finetune_epochs} epoch(s)"
-        )
-        add_int8(pruned, "cpu")
-        if options.tensorrt_variant:
-            add_int8(pruned, "tensorrt")
-        shutil.rmtree(work, ignore_errors=True)
+        manifest = export_pruned_step(pruned, staging / "pruned-fp32", export_options)
+        variant = _fp32_variant("pruned-fp32", manifest, pruned, imgsz, fp32)
+    variant.result.notes.append(
+        f"{options.prune:.0%} of channels pruned, fine-tuned {options.finetune_epochs} epoch(s)"
+    )
+    return variant
+
+
+def _metrics(variant: _Variant, val_data: Path) -> Metrics:
+    own, parent = variant.evaluation, variant.parent.evaluation if variant.parent else None
+    return Metrics(
+        map50=round(own.map50, 5),
+        map50_95=round(own.map50_95, 5),
+        parent_map50=round(parent.map50, 5) if parent else None,
+        parent_map50_95=round(parent.map50_95, 5) if parent else None,
+        per_class_ap50={k: round(v, 5) for k, v in own.per_class_ap50.items()},
+        validation_set=str(val_data),
+        latency_ms=variant.result.latency.as_manifest() if variant.result.latency else {},
+    )
+
+
+def build_and_measure(
+    checkpoint: Path, staging: Path, images: CalibrationImageSet, imgsz: int, options: Int8ExportOptions
+) -> list[_Variant]:
+    """Export every variant into ``staging``, then score and time them all the same way."""
+    fp32_manifest = export_fp32_step(
+        checkpoint, staging / "fp32", Fp32StepOptions(imgsz, options.name, options.opset, options.command)
+    )
+    fp32 = _fp32_variant("fp32", fp32_manifest, checkpoint, imgsz, None)
+    variants = [fp32, *_int8_variants(fp32, images, staging, options)]
+    if options.prune is not None:
+        pruned = _pruned_variant(checkpoint, fp32, staging, imgsz, options)
+        variants += [pruned, *_int8_variants(pruned, images, staging, options)]
 
     for variant in variants:
-        variant.eval_metrics = evaluate_step(variant.manifest, evaluate_options)
-        variant.result.map50 = variant.eval_metrics.map50
-        variant.result.map50_95 = variant.eval_metrics.map50_95
-    timed = [v for v in variants if "tensorrt" not in v.result.name]
+        variant.evaluation = evaluate_step(variant.manifest, EvaluateStepOptions(options.val_data, options.val_limit))
+        variant.result.map50 = variant.evaluation.map50
+        variant.result.map50_95 = variant.evaluation.map50_95
+        variant.result.parent_map50 = variant.parent.evaluation.map50 if variant.parent else None
+    timed = [v for v in variants if not v.result.name.endswith("-tensorrt")]
     latencies = measure_ort_latency(
-        [v.manifest.parent / load_manifest(v.manifest).artifact("model").path for v in timed],
-        threads=options.latency_threads,
-        runs=options.latency_runs,
+        [_model_file(v.manifest) for v in timed], threads=options.latency_threads, runs=options.latency_runs
     )
     for variant, latency in zip(timed, latencies, strict=True):
         variant.result.latency = latency
-
-    rejected: list[str] = []
-    for variant in variants:
-        parent = variant.parent
-        if parent is not None:
-            variant.result.parent_map50 = parent.result.map50
-        if variant.result.gated:
-            drop = variant.result.map50_drop or 0.0
-            variant.result.passed = drop <= options.max_map_drop + 1e-12
-            if not variant.result.passed:
-                rejected.append(variant.result.name)
-        record_metrics(variant.manifest, _manifest_metrics(variant, options.val_data))
-
-    fp32_latency = fp32.result.latency
-    for variant in variants:
-        if variant is not fp32 and variant.result.latency and fp32_latency:
-            ratio = variant.result.latency.median_ms / fp32_latency.median_ms
-            variant.result.notes.append(f"latency {ratio:.3f}x FP32")
-    if rejected:
-        (staging / REJECTED_DIR).mkdir()
-        for name in rejected:
-            (staging / name).rename(staging / REJECTED_DIR / name)
-            next(v for v in variants if v.result.name == name).result.folder = f"{REJECTED_DIR}/{name}"
-        verdict = (
-            f"REJECTED {', '.join(rejected)}: mAP50 drop above --max-map-drop {options.max_map_drop} (see report.md)"
-        )
-    else:
-        verdict = f"all INT8 variants within --max-map-drop {options.max_map_drop} mAP50"
-    settings = options.model_dump(mode="json") | {
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "imgsz": imgsz,
-        "calibration": {
-            "images": len(images),
-            "requested": images.requested,
-            "skipped_unreadable": images.skipped_count,
-            "source": str(images.source),
-        },
-    }
-    write_report([v.result for v in variants], staging, settings, verdict)
-    if rejected:
-        for name in ("report.json", "report.md", "report.png"):
-            shutil.copyfile(staging / name, staging / REJECTED_DIR / name)
-    log.info("%s", verdict)
-    return verdict, rejected
+        if variant is not fp32 and fp32.result.latency:
+            variant.result.notes.append(f"latency {latency.median_ms / fp32.result.latency.median_ms:.3f}x FP32")
+    return variants
 
 
-def _manifest_metrics(variant: _Variant, val_data: Path) -> Metrics:
-    result = variant.eval_metrics
-    parent = variant.parent.eval_metrics if variant.parent is not None else None
-    latency: LatencyStats | None = variant.result.latency
-    return Metrics(
-        map50=round(result.map50, 5),
-        map50_95=round(result.map50_95, 5),
-        parent_map50=round(parent.map50, 5) if parent is not None else None,
-        parent_map50_95=round(parent.map50_95, 5) if parent is not None else None,
-        per_class_ap50={k: round(v, 5) for k, v in result.per_class_ap50.items()},
-        validation_set=str(val_data),
-        latency_ms=latency.as_manifest() if latency is not None else {},
+def run_int8_export(checkpoint: Path, out: Path, options: Int8ExportOptions) -> Path:
+    """The whole ``--int8`` export -> report.json. Raises Int8GateError (after writing everything) on a rejection."""
+    from shelfsight.export.model import read_checkpoint
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    header = read_checkpoint(checkpoint)  # refuses non-checkpoints and unsafe pickles before any work
+    imgsz = options.imgsz or int(header["imgsz"])
+    source_sha = sha256_file(checkpoint)
+    check_output_folder(out, source_sha, options.force)
+    images = calibration_set_step(
+        CalibrationStepOptions(options.calib_data, options.calib_images, options.calib_seed, options.calib_split)
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        variants = build_and_measure(checkpoint, staging, images, imgsz, options)
+        results = [v.result for v in variants]
+        rejected = apply_gate(results, options.max_map_drop)
+        for variant in variants:
+            record_metrics(variant.manifest, _metrics(variant, options.val_data))
+        if rejected:
+            (staging / REJECTED_DIR).mkdir()
+            for variant in variants:
+                if variant.result.name in rejected:
+                    (staging / variant.result.name).rename(staging / REJECTED_DIR / variant.result.name)
+                    variant.result.folder = f"{REJECTED_DIR}/{variant.result.name}"
+            verdict = f"REJECTED {', '.join(rejected)}: mAP50 drop above --max-map-drop {options.max_map_drop}"
+        else:
+            verdict = f"all INT8 variants within --max-map-drop {options.max_map_drop} mAP50"
+        settings = options.model_dump(mode="json") | {
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": source_sha,
+            "imgsz": imgsz,
+            "calibration": {
+                "images": len(images),
+                "requested": images.requested,
+                "skipped_unreadable": images.skipped_count,
+                "source": str(images.source),
+            },
+        }
+        write_report(results, staging, settings, verdict)
+        if rejected:
+            for name in REPORT_FILES:
+                shutil.copyfile(staging / name, staging / REJECTED_DIR / name)
+        finalize_output(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("%s", verdict)
+    if rejected:
+        raise Int8GateError(f"{out / REJECTED_DIR}: {verdict} (see report.md)")
+    return out / "report.json"
 
 
 def summary_lines(report_json: Path) -> list[str]:
-    """A few lines for the CLI to print after a successful run."""
+    """A few lines for the CLI to print after a run."""
     data = json.loads(report_json.read_text(encoding="utf-8"))
     lines = [data["verdict"]]
     for v in data["variants"]:
@@ -638,3 +528,103 @@ def summary_lines(report_json: Path) -> list[str]:
             + (f"  {latency:.2f} ms" if latency is not None else "")
         )
     return lines
+
+
+# --- CLI wiring (called from shelfsight.export.cli) ----------------------------------------------------------------
+
+INT8_EXAMPLES = """\
+INT8 export (FP32 + INT8 + a TensorRT Q/DQ model, each scored on --val-data; refused when mAP50 drops too much):
+  export-model runs/shelf/best.pt --out models/shelf-int8 --int8 --calib-data calib_images/ --val-data data.yaml
+  export-model runs/shelf/best.pt --out models/shelf-int8 --int8 --calib-data data.yaml --calib-images 200 \\
+      --calib-method entropy --val-data data.yaml --max-map-drop 0.02
+  export-model runs/shelf/best.pt --out models/shelf-pruned --int8 --calib-data data.yaml --val-data data.yaml \\
+      --prune 0.3 --finetune-epochs 10 --train-data data.yaml
+  export-model build-engine models/shelf-int8 --int8            # on the device with TensorRT (see build-engine -h)
+"""
+
+_INT8_ONLY_FLAGS = {
+    "calib_data": None,
+    "val_data": None,
+    "prune": None,
+    "finetune_epochs": 0,
+    "train_data": None,
+    "max_map_drop": 0.01,
+    "calib_method": "minmax",
+    "calib_images": 300,
+    "calib_cache": None,
+    "force": False,
+    "latency_runs": 50,
+    "no_tensorrt_variant": False,
+}
+
+
+def add_int8_arguments(parser: Any) -> None:
+    """The ``--int8`` flags of ``export-model CHECKPOINT``; --out, --imgsz, --name and --opset are shared."""
+    group = parser.add_argument_group("INT8 export (with --int8)")
+    group.add_argument("--int8", action="store_true", help="also quantize to INT8, evaluate every variant and gate")
+    group.add_argument("--calib-data", type=Path, help="calibration images: a folder or a data.yaml (train split)")
+    group.add_argument("--val-data", type=Path, help="data.yaml whose val split scores every variant")
+    group.add_argument("--calib-images", type=int, default=300, help="calibration images to use (default 300)")
+    group.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    group.add_argument("--calib-cache", type=Path, help="calibration range cache (default ~/.cache/shelfsight)")
+    group.add_argument("--max-map-drop", type=float, default=0.01, help="max mAP50 loss vs FP32 (default 0.01)")
+    group.add_argument("--prune", type=float, metavar="RATIO", help="also export a channel-pruned variant (0-1)")
+    group.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model N epochs")
+    group.add_argument("--train-data", type=Path, help="data.yaml to fine-tune the pruned model on")
+    group.add_argument("--latency-runs", type=int, default=50, help="timed runs per variant (default 50)")
+    group.add_argument("--no-tensorrt-variant", action="store_true", help="skip the symmetric Q/DQ TensorRT model")
+    group.add_argument("--force", action="store_true", help="replace an --out folder that holds another model")
+
+
+def int8_requested(args: Any) -> bool:
+    """True when --int8 or any INT8-only flag was given (the latter without --int8 is an error later)."""
+    return bool(getattr(args, "int8", False)) or any(
+        getattr(args, name, default) != default for name, default in _INT8_ONLY_FLAGS.items()
+    )
+
+
+def options_from_args(args: Any, command: str) -> Int8ExportOptions:
+    from pydantic import ValidationError
+
+    if not args.int8:
+        given = [f"--{n.replace('_', '-')}" for n, d in _INT8_ONLY_FLAGS.items() if getattr(args, n, d) != d]
+        raise ShelfSightError(f"{', '.join(given)} only apply to an INT8 export: add --int8")
+    for flag in ("parity_images", "include_checkpoint"):
+        if getattr(args, flag, None):
+            raise ShelfSightError(f"--{flag.replace('_', '-')} is not supported together with --int8")
+    if args.calib_data is None or args.val_data is None:
+        raise ShelfSightError("--int8 needs --calib-data (images or data.yaml) and --val-data (data.yaml)")
+    try:
+        return Int8ExportOptions(
+            calib_data=args.calib_data,
+            val_data=args.val_data,
+            imgsz=args.imgsz,
+            name=args.name,
+            opset=args.opset,
+            calib_method=args.calib_method,
+            calib_images=args.calib_images,
+            calib_cache=args.calib_cache,
+            prune=args.prune,
+            finetune_epochs=args.finetune_epochs,
+            train_data=args.train_data,
+            max_map_drop=args.max_map_drop,
+            latency_runs=args.latency_runs,
+            tensorrt_variant=not args.no_tensorrt_variant,
+            force=args.force,
+            command=command,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") if first["loc"] else "options"
+        raise ShelfSightError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def run_int8_from_args(args: Any, argv: list[str]) -> int:
+    """``export-model CHECKPOINT --int8 ...`` -> exit status (Int8GateError propagates as a ShelfSightError)."""
+    import shlex
+
+    options = options_from_args(args, "export-model " + shlex.join(argv))
+    report = run_int8_export(args.checkpoint, args.out, options)
+    print("\n".join(summary_lines(report)))
+    print(f"report: {report.with_suffix('.md')}")
+    return 0

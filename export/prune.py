@@ -315,3 +315,136 @@ def _atomic_save(checkpoint: dict[str, Any], path: Path) -> Path:
     tmp.replace(path)
     return path
 
+
+
+# --- pipeline steps: prune -> fine-tune -> export ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneStepOptions:
+    ratio: float
+    imgsz: int | None = None
+
+
+def prune_step(checkpoint: Path, out_path: Path, options: PruneStepOptions) -> Path:
+    """Checkpoint -> pruned checkpoint (channels removed, not yet fine-tuned), with its pruning record."""
+    from shelfsight.export.model import load_checkpoint
+    from shelfsight.runtime.manifest import sha256_file
+
+    model, meta = load_checkpoint(checkpoint)
+    imgsz = options.imgsz or meta.imgsz
+    result = prune_detector(model, PruneOptions(ratio=options.ratio, imgsz=imgsz))
+    record = {"source_checkpoint_sha256": sha256_file(checkpoint)}
+    return save_pruned_checkpoint(result, result.model, meta.class_names, imgsz, out_path, extra_record=record)
+
+
+@dataclass(frozen=True)
+class FinetuneStepOptions:
+    train_data: Path
+    epochs: int
+    batch: int = 8
+    lr: float = 0.001
+    imgsz: int | None = None
+    val_limit: int | None = None
+
+
+def trainer_accepts_model() -> bool:
+    """Whether the project's trainer can fine-tune an already-built (pruned) model: ``train(cfg, model=...)``."""
+    import inspect
+
+    from shelfsight.export import train as trainer
+
+    return "model" in inspect.signature(trainer.train).parameters
+
+
+def finetune_step(pruned_checkpoint: Path, out_dir: Path, options: FinetuneStepOptions) -> Path:
+    """Fine-tune a pruned checkpoint with the project's trainer -> ``out_dir/pruned.pt`` (trained weights + record)."""
+    from shelfsight.export import train as trainer
+    from shelfsight.export.data import load_data_yaml
+
+    if not trainer_accepts_model():
+        raise PruneError(
+            "fine-tuning a pruned model needs the trainer to accept a built model (train(cfg, model=...)); "
+            "this version's trainer does not"
+        )
+    model, meta = load_pruned_checkpoint(pruned_checkpoint)
+    classes = load_data_yaml(options.train_data).names
+    if classes != meta.class_names:
+        raise PruneError(f"{options.train_data}: classes {classes} differ from the model's {meta.class_names}")
+    config = trainer.TrainConfig(
+        data=options.train_data,
+        out=out_dir,
+        epochs=options.epochs,
+        imgsz=options.imgsz or meta.imgsz,
+        batch=options.batch,
+        lr=options.lr,
+        warmup_epochs=0.0,
+        val_every=options.epochs,
+        val_limit=options.val_limit,
+        progress=False,
+    )
+    result = trainer.train(config, model=model)  # type: ignore[call-arg]
+    return resave_with_record(result.best or result.last, out_dir / "pruned.pt", meta.extra.get(PRUNING_KEY) or {})
+
+
+@dataclass(frozen=True)
+class PrunedExportOptions:
+    name: str
+    imgsz: int | None = None
+    opset: int = 17
+    command: str | None = None
+    model_filename: str = "model.onnx"
+    checkpoint_filename: str = "pruned.pt"
+
+
+def export_pruned_step(pruned_checkpoint: Path, out_dir: Path, options: PrunedExportOptions) -> Path:
+    """Pruned checkpoint -> FP32 ONNX folder + manifest, through the detector's ONNX writer and parity gate."""
+    import shutil
+    import sys
+
+    from shelfsight.export.onnx_export import ExportError, ExportOptions, check_parity, parity_frames, write_onnx
+    from shelfsight.export.torch_detector import TorchDetector
+    from shelfsight.runtime.manifest import Manifest, Provenance, artifact_for, write_manifest
+
+    model, meta = load_pruned_checkpoint(pruned_checkpoint)
+    imgsz = options.imgsz or meta.imgsz
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = write_onnx(model, imgsz, out_dir / options.model_filename, options.opset)
+    parity_options = ExportOptions(imgsz=imgsz, opset=options.opset)
+    reference = TorchDetector(model, meta.class_names, imgsz, conf_threshold=parity_options.parity_conf)
+    parity = check_parity(onnx_path, reference, parity_frames(parity_options, imgsz), parity_options)
+    if not parity.ok(parity_options):
+        raise ExportError(f"{onnx_path}: ONNX Runtime output differs from PyTorch: {parity.summary()}")
+    shutil.copyfile(pruned_checkpoint, out_dir / options.checkpoint_filename)
+    record = meta.extra.get(PRUNING_KEY) or {}
+    manifest = Manifest(
+        name=options.name,
+        classes=meta.class_names,
+        input=reference.input_spec,
+        output=reference.output_spec,
+        precision="fp32",
+        artifacts=[
+            artifact_for(out_dir, options.model_filename, "model"),
+            artifact_for(out_dir, options.checkpoint_filename, "checkpoint"),
+        ],
+        provenance=Provenance(
+            source_checkpoint_sha256=record.get("source_checkpoint_sha256"),
+            pruning_ratio=record.get("ratio"),
+            exporter=f"torch.onnx.export(dynamo=True, opset={options.opset}), BN folded, channel-pruned",
+            command=options.command or " ".join(sys.argv),
+            tool_versions=tool_versions(),
+        ),
+    )
+    return write_manifest(manifest, out_dir)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that shaped an exported model, for the manifest's provenance."""
+    import contextlib
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "onnx", "onnxruntime", "torch-pruning", "shelfsight"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions

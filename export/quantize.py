@@ -14,8 +14,9 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
@@ -52,6 +53,12 @@ class QuantizeOptions(BaseModel):
     # Keep the ops after the last convolution (box decode, score sigmoid, output concat) in float: an 8-bit box
     # coordinate is a 1/255-of-the-image step, which moves IoU-critical box edges by pixels.
     float_tail: bool = True
+    # The first convolution sees the raw image (3 input channels): as INT8 it is slower than the float NCHWc kernel
+    # and it needs the whole input tensor quantized first. Measured on this CPU: the float stem saves ~15% latency.
+    float_stem: bool = True
+    # Give every input and the output of each Concat (and each Split's outputs and input) one shared range, so ORT's
+    # QLinearConcat copies bytes instead of requantizing each input.
+    share_concat_ranges: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
     allowed_float_convs: int = Field(0, ge=0)
@@ -152,7 +159,47 @@ def excluded_nodes(model_path: str | Path, options: QuantizeOptions) -> list[str
         raise QuantizationError(f"{model_path}: nodes_to_exclude names unknown node '{unknown[0]}'")
     if options.float_tail:
         names.update(tail_nodes(model))
+    if options.float_stem:
+        names.update(stem_convs(model))
     return sorted(names)
+
+
+def stem_convs(model: onnx.ModelProto) -> list[str]:
+    """Convolutions that read a graph input directly."""
+    inputs = {value.name for value in model.graph.input}
+    return [node.name for node in model.graph.node if node.op_type == "Conv" and node.input[0] in inputs]
+
+
+def shared_concat_ranges(model: onnx.ModelProto, calibration_cache: str | Path, skip: set[str]) -> dict[str, Any]:
+    """``TensorQuantOverrides`` giving each Concat/Split-connected group of tensors the union of their ranges."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = load_tensors_data(calibration_cache).data
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in model.graph.node:
+        if node.op_type in ("Concat", "Split") and node.name not in skip:
+            tensors = [t for t in (*node.input, *node.output) if t in ranges]
+            for tensor in tensors[1:]:
+                parent[find(tensor)] = find(tensors[0])
+    groups: dict[str, list[str]] = {}
+    for tensor in parent:
+        groups.setdefault(find(tensor), []).append(tensor)
+    overrides: dict[str, Any] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        low = min(float(np.min(ranges[t].range_value[0])) for t in members)
+        high = max(float(np.max(ranges[t].range_value[1])) for t in members)
+        for tensor in members:
+            overrides[tensor] = [{"rmin": np.float32(low), "rmax": np.float32(high)}]
+    return overrides
 
 
 def quantize_qdq(
@@ -164,6 +211,10 @@ def quantize_qdq(
     """Write the Q/DQ INT8 model from a pre-processed FP32 model and cached calibration ranges."""
     out_path = Path(out_path)
     exclude = excluded_nodes(preprocessed_onnx, options)
+    extra = options.extra_options()
+    if options.share_concat_ranges:
+        model = onnx.load(str(preprocessed_onnx), load_external_data=False)
+        extra["TensorQuantOverrides"] = shared_concat_ranges(model, calibration_cache, set(exclude))
     try:
         quantize_static(
             str(preprocessed_onnx),
@@ -176,7 +227,7 @@ def quantize_qdq(
             weight_type=_QUANT_TYPES[options.weight_type],
             nodes_to_exclude=exclude,
             calibrate_method=CALIBRATION_METHODS[options.calib_method],
-            extra_options=options.extra_options(),
+            extra_options=extra,
             calibration_cache_path=str(calibration_cache),
         )
     except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as exc:

@@ -88,7 +88,11 @@ def _feed(session: Any, seed: int) -> dict[str, np.ndarray]:
 def measure_ort_latency(
     onnx_paths: Sequence[str | Path], threads: int = 1, runs: int = 50, warmup: int = 10, seed: int = 0
 ) -> list[LatencyStats]:
-    """Median ONNX Runtime CPU latency of each model, timed round-robin (one run of each model per round)."""
+    """Median ONNX Runtime CPU latency of each model, timed round-robin (one run of each model per round).
+
+    The order inside each round is shuffled (seeded), so a neighbour's load burst or a cache effect does not always
+    hit the same model.
+    """
     if runs < 1 or warmup < 0 or threads < 1:
         raise ShelfSightError(f"latency: runs >= 1, warmup >= 0 and threads >= 1 required (got {runs}, {warmup})")
     sessions = [_session(Path(p), threads) for p in onnx_paths]
@@ -97,10 +101,11 @@ def measure_ort_latency(
         for _ in range(warmup):
             session.run(None, feed)
     samples: list[list[float]] = [[] for _ in sessions]
+    order = np.random.default_rng(seed)
     for _ in range(runs):
-        for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
+        for i in order.permutation(len(sessions)):
             start = time.perf_counter()
-            session.run(None, feed)
+            sessions[i].run(None, feeds[i])
             samples[i].append((time.perf_counter() - start) * 1000.0)
     return [
         LatencyStats(
@@ -115,7 +120,9 @@ def measure_ort_latency(
 
 
 def _fmt(value: float | int | None, spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value / scale, spec)
+    if value is None:
+        return "-"
+    return format(value if scale == 1.0 else value / scale, spec)
 
 
 def _ratio(result: VariantResult, baseline: VariantResult | None) -> str:
@@ -135,15 +142,16 @@ def render_markdown(results: Sequence[VariantResult], settings: dict[str, Any], 
         f"Latency: ONNX Runtime CPU, {threads} thread(s), median of the measured runs (see report.json), "
         f"on `{platform.processor() or platform.machine()}`. mAP on the validation set, runtime ORT backend.",
         "",
-        "| variant | precision | size (MB) | params | MACs (G) | latency (ms) | x FP32 | mAP50 | mAP50-95 "
-        "| mAP50 drop | gate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | precision | size (MB) | params | MACs (G) | latency median (ms) | min (ms) | x FP32 | mAP50 "
+        "| mAP50-95 | mAP50 drop | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         gate = "-" if not r.gated else ("pass" if r.passed else "**REJECTED**")
         lines.append(
             f"| {r.name} | {r.precision} | {_fmt(r.model_bytes, '.2f', 1e6)} | {_fmt(r.params, ',d')} "
             f"| {_fmt(r.macs, '.3f', 1e9)} | {_fmt(r.latency.median_ms if r.latency else None, '.2f')} "
+            f"| {_fmt(r.latency.min_ms if r.latency else None, '.2f')} "
             f"| {_ratio(r, baseline)} | {_fmt(r.map50, '.4f')} | {_fmt(r.map50_95, '.4f')} "
             f"| {_fmt(r.map50_drop, '+.4f')} | {gate} |"
         )

@@ -260,3 +260,53 @@ def build_engine(
     key_path.write_text(json.dumps(asdict(key), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, engine_path)
     return engine_path
+
+
+# --- CLI: export-model build-engine MODEL_DIR ----------------------------------------------------------------------
+
+BUILD_ENGINE_EXAMPLES = """\
+examples (on the target device, with TensorRT installed; NOT YET RUN ON REAL HARDWARE):
+  export-model build-engine models/shelf-int8 --int8              # uses models/shelf-int8/int8-tensorrt
+  export-model build-engine models/shelf-int8 --fp16              # uses models/shelf-int8/fp32
+  export-model build-engine models/shelf-320 --fp16 --workspace 2048
+"""
+
+
+def build_engine_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="export-model build-engine",
+        description="Build a TensorRT engine from an exported model folder, cached by ONNX sha256, TensorRT "
+        "version and GPU (engines are not portable). INT8 uses the Q/DQ scales of the INT8 export.",
+        epilog=BUILD_ENGINE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_dir", type=Path, help="folder with manifest.json, or an 'export-model --int8' folder")
+    parser.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    parser.add_argument("--int8", action="store_true", help="INT8 from the Q/DQ model (explicit quantization)")
+    parser.add_argument("--workspace", type=int, default=1024, metavar="MB", help="builder workspace (default 1024)")
+    parser.add_argument("--cache-dir", type=Path, help="engine cache folder (default: MODEL/engines)")
+    return parser
+
+
+def model_for_engine(model_dir: Path, options: EngineOptions) -> Path:
+    """The ONNX file to build from: the folder's own model, or the right variant of an ``--int8`` export folder."""
+    from shelfsight.runtime.manifest import MANIFEST_FILENAME, load_manifest, resolve_artifact
+
+    candidates = [model_dir / MANIFEST_FILENAME]
+    candidates.append(model_dir / ("int8-tensorrt" if options.int8 else "fp32") / MANIFEST_FILENAME)
+    manifest_path = next((p for p in candidates if p.is_file()), None)
+    if manifest_path is None:
+        wanted = "int8-tensorrt/" if options.int8 else "fp32/"
+        raise TensorRTError(f"{model_dir}: no manifest.json here or in {wanted}; pass an exported model folder")
+    manifest = load_manifest(manifest_path)
+    return resolve_artifact(manifest_path, manifest.artifact("model"))  # refuses a tampered model
+
+
+def run_build_engine(args: Any) -> int:
+    options = EngineOptions(fp16=args.fp16, int8=args.int8, workspace_mb=args.workspace)
+    onnx_path = model_for_engine(Path(args.model_dir), options)
+    engine = build_engine(onnx_path, options, cache_dir=args.cache_dir)
+    print(f"engine: {engine} (key: {key_path_for(engine)})")
+    return 0
