@@ -39,7 +39,8 @@ def box_iou_pairs(a: Tensor, b: Tensor, ciou: bool = False) -> Tensor:
     centre2 = ((bx1 + bx2 - ax1 - ax2).pow(2) + (by1 + by2 - ay1 - ay2).pow(2)) / 4
     v = (4 / math.pi**2) * (torch.atan(bw / (bh + EPS)) - torch.atan(aw / (ah + EPS))).pow(2)
     with torch.no_grad():
-        alpha = v / (v - iou + (1 + EPS))
+        # Clamped: for identical boxes both v and (1 - iou) are 0, and 1 + EPS rounds to 1 in float32 (0/0 = NaN).
+        alpha = v / (v - iou + 1).clamp(min=1e-7)
     return iou - (centre2 / diag2 + v * alpha)
 
 

@@ -391,7 +391,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 "types (only weights_only checkpoints are accepted)"
             ) from None
         raise ShelfSightError(f"{path}: not a PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # arbitrary bytes make the unpickler raise anything (IndexError, KeyError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShelfSightError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if not isinstance(data, dict):

@@ -1,7 +1,12 @@
-"""Tiny YOLO-format datasets drawn with OpenCV: coloured 'products' and dark 'gaps' on a textured shelf."""
+"""Export-test fixtures: tiny YOLO datasets drawn with OpenCV (coloured 'products' and dark 'gaps' on a textured
+shelf), a tiny training configuration and a two-epoch training run shared by several tests.
+
+Helpers are handed to tests through fixtures: with --import-mode=importlib a test module cannot import conftest.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -9,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from shelfsight.export.train import TrainConfig, TrainResult, train
 
 NAMES = ["product", "gap"]
 
@@ -65,6 +72,24 @@ def make_yolo_dataset(
     return data
 
 
+def tiny_train_config(data: Path, out: Path, **overrides: object) -> TrainConfig:
+    """A model small enough that an epoch over the tiny dataset takes well under a second."""
+    settings: dict[str, object] = {
+        "data": data,
+        "out": out,
+        "epochs": 2,
+        "imgsz": 128,
+        "batch": 4,
+        "width": 0.125,
+        "workers": 0,
+        "lr": 0.004,
+        "ema_tau": 20.0,
+        "progress": False,
+    }
+    settings.update(overrides)
+    return TrainConfig.model_validate(settings)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_yolo_dataset(tmp_path_factory.mktemp("shelfdata"))
@@ -73,3 +98,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _two_threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """Two epochs of training, shared by the trainer, evaluator and export tests."""
+    torch.set_num_threads(2)
+    return train(tiny_train_config(tiny_data, tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture
+def make_train_config() -> Callable[..., TrainConfig]:
+    return tiny_train_config
