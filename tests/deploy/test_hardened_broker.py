@@ -38,7 +38,7 @@ def alert(seq: int, slot: str, kind: str = "stockout", camera: str = CAMERA) -> 
 class TlsClient:
     """A plain paho client over the broker's TLS listener, for what the Publisher cannot do on purpose."""
 
-    def __init__(self, broker: Any, role: str, *, protocol: int = mqtt.MQTTv5, subscribe: str | None = None) -> None:
+    def __init__(self, broker: Any, role: str, *, protocol: Any = mqtt.MQTTv5, subscribe: str | None = None) -> None:
         user, password, cert = broker.account(role)
         self._cond = threading.Condition()
         self.acks: dict[int, int] = {}
