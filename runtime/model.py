@@ -138,7 +138,13 @@ def check_model_against_manifest(
         raise ManifestError(
             f"{manifest_path}: manifest outputs {manifest.output.names} but the model's outputs are {list(outputs)}"
         )
-    if manifest.output.format == "shelfsight":
+    if manifest.output.format != "shelfsight":
+        from shelfsight.runtime.decoders import check_output_layout
+
+        shapes = [outputs[name].shape for name in manifest.output.names]
+        check_output_layout(manifest.output.format, shapes, (spec.height, spec.width), len(manifest.classes),
+                            where=str(manifest_path))
+    else:
         out = outputs[manifest.output.names[0]]
         want = [spec.shape[0], None, 4 + len(manifest.classes)]
         columns = out.shape[-1] if out.shape else None
@@ -169,7 +175,9 @@ def load_model(
     """Read the manifest, verify the model file's sha256, load it and check its tensors against the manifest."""
     manifest = load_manifest(manifest_path)
     get_decoder(manifest.output.format)  # an unsupported format fails before any model is loaded
-    model_file = resolve_artifact(manifest_path, manifest.artifact("model"))
+    # TensorRT runs the serialized engine built for this device; everything else runs the ONNX file.
+    role = "engine" if backend == "tensorrt" else "model"
+    model_file = resolve_artifact(manifest_path, manifest.artifact(role))
     runner = create_backend(backend, model_file, **_backend_options(backend, providers, threads))
     runner.activate()
     try:

@@ -104,7 +104,7 @@ def _edit_manifest(path: Path, change: dict) -> None:
         ({"input.shape": [1, 3, 32, 32]}, r"shape \[1, 3, 32, 32\] does not match the model's \[1, 3, 64, 64\]"),
         ({"output.names": ["boxes"]}, r"manifest outputs \['boxes'\] but the model's outputs are \['output'\]"),
         ({"classes": ["a", "b", "c"]}, r"\[1, 5, 6\] does not match the manifest's \[1, \?, 7\]"),
-        ({"output.format": "yolov8"}, "'yolov8' has no decoder"),
+        ({"output.format": "yolov8"}, "does not fit format 'yolov8'"),
     ],
     ids=["input-name", "input-shape", "output-name", "class-count", "format"],
 )
