@@ -35,6 +35,7 @@ USERS = {
     "backoffice": "bo-secret",
     CAMERA_USER: "cam-secret",
     "store-t/#": "wild-secret",  # a username trying to widen its pattern ACL
+    "store-0042/aisle3-cam1": "agent-secret",  # the identity of deploy/config/agent.yaml, used as shipped
 }
 # role -> (username, client certificate name)
 ACCOUNTS = {
@@ -144,7 +145,7 @@ def hardened_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harden
     if not os.path.exists(MOSQUITTO) or shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto and mosquitto_passwd are needed (apt-get install mosquitto; the Makefile does it)")
     root = tmp_path_factory.mktemp("hardened-broker")
-    certs = make_certs(root / "certs", "shelf-alerts", CAMERA_CERT)
+    certs = make_certs(root / "certs", "shelf-alerts", CAMERA_CERT, "agent")
     rogue = make_certs(root / "rogue", "shelf-alerts", CAMERA_CERT)  # same names, another CA
     (root / "data").mkdir()
     for index, (user, password) in enumerate(USERS.items()):

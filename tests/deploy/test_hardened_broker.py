@@ -5,17 +5,23 @@ The agent side is the real Publisher/Outbox; the back-office side is the real ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shelfsight.shelf_agent.events import ModelInfo, SlotStatus, build_alert, build_state, encode_payload, topics
@@ -26,6 +32,8 @@ from shelfsight.shelf_agent.snapshot import encode_capped
 MODEL = ModelInfo("shelfsight-test", "ab" * 32, "int8")
 STORE, CAMERA = "store-t", "cam-a"  # the camera account of tests/deploy/conftest.py: "store-t/cam-a"
 CAMERA_ROOT = f"shelfsight/{STORE}/{CAMERA}"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+USERS_AGENT_PASSWORD = "agent-secret"  # conftest's account for deploy/config/agent.yaml's store/camera
 NOT_AUTHORIZED = 0x87
 
 
@@ -261,3 +269,74 @@ def test_mqtt311_cannot_see_a_refused_publish(hardened_broker: Any, clients: Any
     camera.publish(sentinel, b"-")
     assert watcher.wait_for(sentinel)
     assert refused_topic not in watcher.topics_seen()
+
+
+def _tiny_model(folder: Path) -> Path:
+    """A real ONNX detector with fixed outputs (tests/runtime/tiny_onnx.py): products over the whole frame."""
+    spec = importlib.util.spec_from_file_location("tiny_onnx", Path(__file__).parents[1] / "runtime" / "tiny_onnx.py")
+    assert spec is not None and spec.loader is not None
+    tiny_onnx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_onnx)
+    boxes = np.array([[0, 0, 32, 32], [32, 0, 64, 32], [0, 32, 32, 64], [32, 32, 64, 64]], np.float32)
+    scores = np.tile(np.array([[0.9, 0.0]], np.float32), (4, 1))
+    manifest: Path = tiny_onnx.write_model_folder(folder, boxes, scores, classes=["product", "gap"])
+    return manifest
+
+
+def _video(path: Path, frames: int = 20, fps: float = 10.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (320, 180))
+    for index in range(frames):
+        writer.write(np.full((180, 320, 3), 80 + index, np.uint8))
+    writer.release()
+    return path
+
+
+def test_shelf_agent_with_the_example_config_publishes_to_shelf_alerts(
+    hardened_broker: Any, run_cli: Any, tmp_path: Path
+) -> None:
+    """deploy/config/agent.yaml as shipped, with only files, host and port swapped for this machine."""
+    config = yaml.safe_load((DEPLOY / "config" / "agent.yaml").read_text())
+    store, camera = config["store_id"], config["camera_id"]
+    config["camera"]["source"] = str(_video(tmp_path / "shelf.mp4"))
+    config["camera"]["options"].update(width=None, height=None, fps=None)  # a file has its own size and rate
+    config["camera"]["capture"]["loop"] = True  # runs until we stop it, like a live camera
+    config["model"].update(manifest=str(_tiny_model(tmp_path / "model").parent), backend="onnxruntime")
+    config["layout"] = str(DEPLOY / "config" / "layout.yaml")
+    config["mqtt"].update(host=hardened_broker.host, port=hardened_broker.port)
+    config["mqtt"]["tls"].update({key: str(hardened_broker.certs / name) for key, name in
+                                  (("ca_certs", "ca.crt"), ("certfile", "agent.crt"), ("keyfile", "agent.key"))})
+    config["outbox"]["path"] = str(tmp_path / "outbox.sqlite")
+    config["journal"] = str(tmp_path / "journal.sqlite")
+    agent_yaml = tmp_path / "agent.yaml"
+    agent_yaml.write_text(yaml.safe_dump(config))
+
+    alerts_cli = run_cli(hardened_broker.cli("--store", store, "--json"),
+                         password=hardened_broker.account("backoffice")[1])
+    assert alerts_cli.wait_line("stderr", lambda line: "subscribed" in line, timeout=60), alerts_cli.err_lines
+    env = {**os.environ, config["mqtt"]["password_env"]: USERS_AGENT_PASSWORD}
+    agent = subprocess.Popen([sys.executable, "-m", "shelfsight.shelf_agent.cli", "--config", str(agent_yaml)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def seen(event: str, **fields: Any) -> bool:
+            def match(line: str) -> bool:
+                record = json.loads(line)
+                payload = record.get("payload") or {}
+                return record["event"] == event and all(payload.get(k) == v for k, v in fields.items())
+            return any(match(line) for line in alerts_cli.out_lines) or bool(
+                alerts_cli.wait_line("stdout", match, timeout=90))
+
+        assert seen("status", state="online", camera_id=camera)
+        assert seen("state", camera_id=camera)
+        agent.send_signal(signal.SIGTERM)  # the clean stop of systemd's KillSignal
+        assert agent.wait(60) == 0, agent.stderr.read()[-3000:] if agent.stderr else ""
+        assert seen("status", state="offline", reason="clean_stop")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    alerts_cli.proc.send_signal(signal.SIGTERM)
+    assert alerts_cli.finish() == 0
+    records = [json.loads(line) for line in alerts_cli.out_lines]
+    assert not [r for r in records if r["event"] in ("invalid", "unsupported")]
+    state = next(r["payload"] for r in records if r["event"] == "state")
+    assert {slot["slot_id"] for slot in state["slots"]} == {"R1S1", "R1S2", "R2S1"}
