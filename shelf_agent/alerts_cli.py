@@ -217,7 +217,7 @@ def build_config(args: argparse.Namespace) -> AlertsConfig:
         mqtt["password"] = None
     elif mqtt["username"] and mqtt["password"] is None and mqtt["password_env"] is None and PASSWORD_ENV in os.environ:
         mqtt["password_env"] = PASSWORD_ENV
-    tls = mqtt["tls"] or ({} if (args.tls or args.ca_certs or args.certfile) else None)
+    tls = mqtt["tls"] or ({} if (args.tls or args.ca_certs or args.certfile or args.tls_insecure) else None)
     if tls is not None:
         for key in ("ca_certs", "certfile", "keyfile"):
             if getattr(args, key) is not None:
