@@ -22,7 +22,9 @@ ENV_PREFIX = "SHELFSIGHT__"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # coerce_numbers_to_str: `source: 0` (a camera index), `camera_id: 12` or SHELFSIGHT__CAMERA__SOURCE=0 are
+    # natural to write and parse as YAML numbers.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
 class CameraConfig(_Strict):
