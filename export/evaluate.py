@@ -76,7 +76,7 @@ class EvalResult:
 
 
 def _coco_ground_truth(ground_truth: Sequence[GroundTruth], num_classes: int) -> dict[str, Any]:
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for image_id, gt in enumerate(ground_truth, start=1):
         xywh = np.asarray(gt.xyxy, np.float64).reshape(-1, 4).copy()
         xywh[:, 2:] -= xywh[:, :2]

@@ -207,6 +207,14 @@ class PANNeck(nn.Module):
         return n3, n4, n5
 
 
+def _predictor_bias(branch: nn.Module) -> Tensor:
+    """The bias of a head branch's final 1x1 conv."""
+    assert isinstance(branch, nn.Sequential)
+    conv = branch[-1]
+    assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+    return conv.bias
+
+
 class DecoupledHead(nn.Module):
     """Per level: a classification branch and a box branch, two 3x3 convs each, then a 1x1 predictor."""
 
@@ -229,10 +237,10 @@ class DecoupledHead(nn.Module):
     def reset_bias(self) -> None:
         prior = -math.log((1 - CLASS_PRIOR) / CLASS_PRIOR)
         for branch in self.cls_branches:
-            nn.init.constant_(branch[-1].bias, prior)
+            nn.init.constant_(_predictor_bias(branch), prior)
         for branch in self.box_branches:
             # softplus(raw) * stride starts at 2 strides per side: a box about the size of the level's objects.
-            nn.init.constant_(branch[-1].bias, math.log(math.expm1(2.0)))
+            nn.init.constant_(_predictor_bias(branch), math.log(math.expm1(2.0)))
 
     def forward(self, feats: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """-> (class logits [N, A, nc], raw box outputs [N, A, 4]), levels concatenated stride 8 first."""

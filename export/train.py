@@ -119,7 +119,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on BN parameters and biases: decaying them only fights the normalization."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         (decay if param.ndim > 1 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -60,6 +60,7 @@ def test_validation_item_is_the_runtime_preprocessing(tmp_path: Path) -> None:
     dataset = YoloDataset(spec, "val", 160)
     item = dataset[0]
     frame = cv2.imread(item["path"])
+    assert frame is not None
     expected, transform = preprocess_frame(frame, input_spec_for(160))
     np.testing.assert_array_equal(item["image"].numpy(), expected)
     gt, _ = labels_to_xyxy(read_labels(label_path_for(Path(item["path"])), 2), frame.shape[1], frame.shape[0])
