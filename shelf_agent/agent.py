@@ -130,7 +130,9 @@ class Agent:
         self.publisher: Publisher | None = None
         self.capture = CaptureThread(self.source, config.camera.capture, on_state_change=self._camera_changed)
         self.pipeline: ShelfPipeline | None = None
-        self._latency = {stage: deque(maxlen=LATENCY_WINDOW) for stage in (*STAGES, "end_to_end")}
+        self._latency: dict[str, deque[float]] = {
+            stage: deque(maxlen=LATENCY_WINDOW) for stage in (*STAGES, "end_to_end")
+        }
         self._frame_ages: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._camera_state = CameraState.STARTING
         self._camera_changed_flag = threading.Event()
