@@ -163,6 +163,20 @@ def _backend_options(backend: str, providers: Sequence[Any] | None, threads: int
     return {}
 
 
+def _model_file(manifest_path: str | Path, manifest: Manifest, backend: str) -> Path:
+    """TensorRT runs a serialized engine built for this device; every other backend runs the ONNX file."""
+    if backend == "tensorrt":
+        engines = [art for art in manifest.artifacts if art.role == "engine"]
+        if engines:
+            return resolve_artifact(manifest_path, engines[0])
+        if manifest.artifact("model").path.endswith(".onnx"):
+            raise ManifestError(
+                f"{manifest_path}: no TensorRT engine listed for '{manifest.name}'; build one on the device with "
+                "'export-model build-engine MODEL_DIR' or use --backend onnxruntime"
+            )
+    return resolve_artifact(manifest_path, manifest.artifact("model"))
+
+
 def load_model(
     manifest_path: str | Path,
     backend: str = "onnxruntime",
@@ -175,10 +189,8 @@ def load_model(
     """Read the manifest, verify the model file's sha256, load it and check its tensors against the manifest."""
     manifest = load_manifest(manifest_path)
     get_decoder(manifest.output.format)  # an unsupported format fails before any model is loaded
-    # TensorRT runs the serialized engine built for this device; everything else runs the ONNX file.
-    role = "engine" if backend == "tensorrt" else "model"
-    model_file = resolve_artifact(manifest_path, manifest.artifact(role))
-    runner = create_backend(backend, model_file, **_backend_options(backend, providers, threads))
+    options = _backend_options(backend, providers, threads)
+    runner = create_backend(backend, _model_file(manifest_path, manifest, backend), **options)
     runner.activate()
     try:
         check_model_against_manifest(manifest_path, manifest, runner.input_meta, runner.output_meta)

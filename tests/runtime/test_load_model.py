@@ -124,3 +124,9 @@ def test_options_are_checked(tmp_path: Path) -> None:
         load_model(manifest_path, backend="tensorrt", threads=2)
     with pytest.raises(ValueError, match="iou_threshold"):
         load_model(manifest_path, iou_threshold=0.0)
+
+
+def test_tensorrt_backend_needs_an_engine_not_the_onnx_file(tmp_path: Path) -> None:
+    manifest_path = write_model_folder(tmp_path, BOXES, SCORES)
+    with pytest.raises(ManifestError, match=r"no TensorRT engine listed.*build-engine"):
+        load_model(manifest_path, backend="tensorrt")
