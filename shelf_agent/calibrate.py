@@ -1,7 +1,9 @@
 """``shelf-agent calibrate``: a shelf layout from one fully stocked reference frame.
 
 Rows come from the vertical clustering of product boxes; within a row, neighbouring facings that look alike
-(colour and size) form one slot. Slot boundaries sit halfway between neighbouring products; a slot spans from the
+(colour histogram and size) form one slot. Histograms, not mean colours: two different products often share a
+mean colour (white label on purple vs white label on green), and a histogram does not mind a box a few pixels off.
+Slot boundaries sit halfway between neighbouring products; a slot spans from the
 underside of the board above to the board it stands on. A PNG with the slots drawn goes next to the YAML so a person
 can check it before the agent trusts it.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -25,7 +28,8 @@ from shelfsight.shelf_agent.zones import product_gap_class_ids
 class CalibrationOptions:
     min_confidence: float = 0.4
     facings_per_slot: int | None = None  # fixed grouping instead of appearance
-    appearance_threshold: float = 0.18  # relative colour/size difference that starts a new slot
+    appearance_threshold: float = 0.46  # Bhattacharyya distance of neighbouring facings' histograms: a new slot
+    size_threshold: float = 0.5  # relative width/height change that, with a half-threshold colour change, does too
     store_id: str = "demo-store"
     camera_id: str = "cam-1"
 
@@ -40,27 +44,47 @@ def split_rows(centers_y: np.ndarray, heights: np.ndarray) -> np.ndarray:
     return rows
 
 
-def appearance(frame: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
-    """Mean colour of each box's central half (0-1) and its size: the features that tell SKUs apart."""
-    feats = np.zeros((len(xyxy), 5), np.float32)
+def _histograms(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
+    hue_sat = cv2.calcHist([hsv], [0, 1], None, [18, 8], [0, 180, 0, 256])
+    bgr = cv2.calcHist([crop], [0, 1, 2], None, [6, 6, 6], [0, 256, 0, 256, 0, 256])
+    return cv2.normalize(hue_sat, None).ravel(), cv2.normalize(bgr, None).ravel()
+
+
+def appearance(frame: np.ndarray, xyxy: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hue-saturation and BGR histograms of each box's inner 80 %: the features that tell SKUs apart."""
     h, w = frame.shape[:2]
-    for i, (x1, y1, x2, y2) in enumerate(xyxy.astype(int)):  # one small ROI per product, once per calibration
-        cx1, cx2 = x1 + (x2 - x1) // 4, x2 - (x2 - x1) // 4
-        cy1, cy2 = y1 + (y2 - y1) // 4, y2 - (y2 - y1) // 4
-        roi = frame[max(cy1, 0) : min(max(cy2, cy1 + 1), h), max(cx1, 0) : min(max(cx2, cx1 + 1), w)]
-        feats[i, :3] = roi.reshape(-1, 3).mean(axis=0) / 255.0 if roi.size else 0.0
-    sizes = np.stack([xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], axis=1)
-    feats[:, 3:] = sizes / np.maximum(np.median(sizes, axis=0), 1.0)
+    feats = []
+    for x1, y1, x2, y2 in xyxy.astype(int):  # one small ROI per product, once per calibration
+        dx, dy = (x2 - x1) // 10, (y2 - y1) // 10
+        top, left = max(y1 + dy, 0), max(x1 + dx, 0)
+        crop = frame[top : min(max(y2 - dy, top + 1), h), left : min(max(x2 - dx, left + 1), w)]
+        if crop.size == 0:
+            crop = np.zeros((1, 1, 3), np.uint8)
+        feats.append(_histograms(np.ascontiguousarray(crop)))
     return feats
 
 
-def group_facings(feats: np.ndarray, options: CalibrationOptions) -> np.ndarray:
-    """Slot index per facing of one row, facings sorted left to right."""
-    n = len(feats)
+def neighbour_distances(feats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Mean Bhattacharyya distance (0 same .. 1 disjoint) of the two histograms of facing i and i + 1."""
+    method = cv2.HISTCMP_BHATTACHARYYA
+    return np.array(
+        [(cv2.compareHist(a[0], b[0], method) + cv2.compareHist(a[1], b[1], method)) / 2 for a, b in pairwise(feats)],
+        np.float32,
+    )
+
+
+def group_facings(distances: np.ndarray, sizes: np.ndarray, options: CalibrationOptions) -> np.ndarray:
+    """Slot index per facing of one row (facings sorted left to right), from neighbour appearance distances and
+    box sizes (width, height)."""
+    n = len(sizes)
     if options.facings_per_slot:
         return np.arange(n) // options.facings_per_slot
-    change = np.abs(np.diff(feats, axis=0))
-    new_slot = (change[:, :3].max(axis=1) > options.appearance_threshold) | (change[:, 3:].max(axis=1) > 0.25)
+    size_change = np.abs(np.diff(sizes, axis=0)) / np.maximum(np.maximum(sizes[:-1], sizes[1:]), 1.0)
+    # Size alone is a weak cue (detector boxes of one product vary by a third); with some colour change it counts.
+    new_slot = (distances > options.appearance_threshold) | (
+        (size_change.max(axis=1) > options.size_threshold) & (distances > options.appearance_threshold / 2)
+    )
     return np.concatenate([[0], np.cumsum(new_slot)])
 
 
@@ -80,7 +104,8 @@ def layout_from_detections(frame: np.ndarray, detections: Detections, product_cl
     for r_index, r in enumerate(row_ids):
         in_row = boxes[rows == r]
         in_row = in_row[np.argsort(in_row[:, 0])]
-        groups = group_facings(appearance(frame, in_row), options)
+        sizes = np.stack([in_row[:, 2] - in_row[:, 0], in_row[:, 3] - in_row[:, 1]], axis=1)
+        groups = group_facings(neighbour_distances(appearance(frame, in_row)), sizes, options)
         bottom = float(bottoms[r_index])
         top = float(bottoms[r_index - 1]) + board if r_index > 0 else max(0.0, bottom - pitch + board)
         # Boundaries halfway between neighbouring products; the outer edges mirror the inner spacing.
