@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shelfsight.runtime.errors import ManifestError
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION: Literal[1] = 1
 MANIFEST_FILENAME = "manifest.json"
 
 OutputFormat = Literal["shelfsight", "yolov8", "yolov5", "yolox"]
