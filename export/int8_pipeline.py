@@ -289,6 +289,22 @@ def apply_gate(results: list[VariantResult], max_map_drop: float) -> list[str]:
 # --- output folder -------------------------------------------------------------------------------------------------
 
 
+def folder_source_sha256(folder: Path) -> str | None:
+    """What an existing output folder was made from: an INT8 export's report, or a plain export's manifest."""
+    report = folder / "report.json"
+    if report.is_file():
+        try:
+            return json.loads(report.read_text(encoding="utf-8"))["settings"]["source_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if (folder / MANIFEST_FILENAME).is_file():
+        try:
+            return load_manifest(folder).provenance.source_checkpoint_sha256
+        except ShelfSightError:
+            return None
+    return None
+
+
 def check_output_folder(out: Path, source_sha256: str, force: bool) -> None:
     """Refuse to replace a folder that holds another model (or anything unrecognised) unless ``force``."""
     if not out.exists():
@@ -297,19 +313,14 @@ def check_output_folder(out: Path, source_sha256: str, force: bool) -> None:
         raise OutputFolderError(f"{out}: exists and is not a folder")
     if force or not any(out.iterdir()):
         return
-    manifests = sorted(p for p in [out / MANIFEST_FILENAME, *out.glob(f"*/{MANIFEST_FILENAME}")] if p.is_file())
-    if not manifests:
-        raise OutputFolderError(f"{out}: not empty and holds no exported model; choose another --out or add --force")
-    for path in manifests:
-        try:
-            source = load_manifest(path).provenance.source_checkpoint_sha256
-        except ShelfSightError:
-            source = None
-        if source != source_sha256:
-            raise OutputFolderError(
-                f"{out}: already holds a different model ({path.parent.name}: source checkpoint "
-                f"{(source or 'unknown')[:12]}); add --force to replace it"
-            )
+    existing = folder_source_sha256(out)
+    if existing is None:
+        raise OutputFolderError(f"{out}: not empty and holds no model export of ours; choose another --out or --force")
+    if existing != source_sha256:
+        raise OutputFolderError(
+            f"{out}: already holds a different model (made from {existing[:12]}, this run from {source_sha256[:12]}); "
+            "add --force to replace it"
+        )
 
 
 def finalize_output(staging: Path, out: Path) -> Path:
@@ -339,14 +350,55 @@ def _model_file(manifest_path: Path) -> Path:
     return manifest_path.parent / load_manifest(manifest_path).artifact("model").path
 
 
-def _fp32_variant(name: str, manifest: Path, checkpoint: Path, imgsz: int, parent: _Variant | None) -> _Variant:
-    from shelfsight.export.prune import load_pruned_checkpoint, measure_cost
+def _fp32_variant(name: str, manifest: Path, checkpoint: Path | None, imgsz: int, parent: _Variant | None) -> _Variant:
+    """An FP32 variant; params and MACs are counted when its PyTorch checkpoint is at hand."""
+    result = VariantResult(name, "fp32", name, _model_file(manifest).stat().st_size)
+    if checkpoint is not None:
+        from shelfsight.export.prune import load_pruned_checkpoint, measure_cost
 
-    model, _ = load_pruned_checkpoint(checkpoint)  # loads unpruned checkpoints too (shapes equal the config)
-    cost = measure_cost(model, imgsz)
-    result = VariantResult(name, "fp32", name, _model_file(manifest).stat().st_size, params=cost.params, macs=cost.macs)
+        model, _ = load_pruned_checkpoint(checkpoint)  # loads unpruned checkpoints too (shapes equal the config)
+        cost = measure_cost(model, imgsz)
+        result.params, result.macs = cost.params, cost.macs
     result.parent = parent.result.name if parent else None
     return _Variant(result, manifest, parent)
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """What ``run_int8_export`` starts from: a PyTorch checkpoint, or an already exported FP32 model folder."""
+
+    path: Path
+    sha256: str
+    imgsz: int
+    checkpoint: Path | None
+    manifest: Path | None
+
+    @classmethod
+    def open(cls, path: Path, options: Int8ExportOptions) -> ExportSource:
+        if path.is_dir() or path.suffix == ".json":
+            manifest_path = path / MANIFEST_FILENAME if path.is_dir() else path
+            manifest = load_manifest(manifest_path)
+            model_file = resolve_artifact(manifest_path, manifest.artifact("model"))  # sha256 checked
+            if manifest.precision != "fp32":
+                raise ShelfSightError(f"{manifest_path}: source model is {manifest.precision}; --int8 needs FP32")
+            if options.prune is not None:
+                raise ShelfSightError(f"{path}: --prune needs a PyTorch checkpoint, not an exported model folder")
+            if options.imgsz is not None and options.imgsz != manifest.input.height:
+                raise ShelfSightError(f"{path}: --imgsz cannot change the input size of an exported model")
+            return cls(path, sha256_file(model_file), manifest.input.height, None, manifest_path)
+        from shelfsight.export.model import read_checkpoint
+
+        header = read_checkpoint(path)  # refuses non-checkpoints and unsafe pickles before any work
+        return cls(path, sha256_file(path), options.imgsz or int(header["imgsz"]), path, None)
+
+
+def copy_model_step(manifest_path: Path, out_dir: Path) -> Path:
+    """An exported model folder copied as the FP32 parent (every artifact hash verified on the way)."""
+    manifest = load_manifest(manifest_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for artifact in manifest.artifacts:
+        shutil.copyfile(resolve_artifact(manifest_path, artifact), out_dir / artifact.path)
+    return write_manifest(manifest, out_dir)
 
 
 def _int8_variants(
@@ -434,16 +486,20 @@ def _metrics(variant: _Variant, val_data: Path) -> Metrics:
 
 
 def build_and_measure(
-    checkpoint: Path, staging: Path, images: CalibrationImageSet, imgsz: int, options: Int8ExportOptions
+    source: ExportSource, staging: Path, images: CalibrationImageSet, options: Int8ExportOptions
 ) -> list[_Variant]:
     """Export every variant into ``staging``, then score and time them all the same way."""
-    fp32_manifest = export_fp32_step(
-        checkpoint, staging / "fp32", Fp32StepOptions(imgsz, options.name, options.opset, options.command)
-    )
-    fp32 = _fp32_variant("fp32", fp32_manifest, checkpoint, imgsz, None)
+    if source.checkpoint is not None:
+        fp32_options = Fp32StepOptions(source.imgsz, options.name, options.opset, options.command)
+        fp32_manifest = export_fp32_step(source.checkpoint, staging / "fp32", fp32_options)
+    else:
+        assert source.manifest is not None
+        fp32_manifest = copy_model_step(source.manifest, staging / "fp32")
+    fp32 = _fp32_variant("fp32", fp32_manifest, source.checkpoint, source.imgsz, None)
     variants = [fp32, *_int8_variants(fp32, images, staging, options)]
     if options.prune is not None:
-        pruned = _pruned_variant(checkpoint, fp32, staging, imgsz, options)
+        assert source.checkpoint is not None  # ExportSource.open refuses --prune for a model folder
+        pruned = _pruned_variant(source.checkpoint, fp32, staging, source.imgsz, options)
         variants += [pruned, *_int8_variants(pruned, images, staging, options)]
 
     for variant in variants:
@@ -462,22 +518,22 @@ def build_and_measure(
     return variants
 
 
-def run_int8_export(checkpoint: Path, out: Path, options: Int8ExportOptions) -> Path:
-    """The whole ``--int8`` export -> report.json. Raises Int8GateError (after writing everything) on a rejection."""
-    from shelfsight.export.model import read_checkpoint
+def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) -> Path:
+    """The whole ``--int8`` export -> report.json. Raises Int8GateError (after writing everything) on a rejection.
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    header = read_checkpoint(checkpoint)  # refuses non-checkpoints and unsafe pickles before any work
-    imgsz = options.imgsz or int(header["imgsz"])
-    source_sha = sha256_file(checkpoint)
-    check_output_folder(out, source_sha, options.force)
+    ``source_path`` is a checkpoint (.pt) or an exported FP32 model folder / manifest (e.g. a third-party ONNX
+    model with a hand-written manifest; pruning then is not available).
+    """
+    out = Path(out)
+    source = ExportSource.open(Path(source_path), options)
+    check_output_folder(out, source.sha256, options.force)
     images = calibration_set_step(
         CalibrationStepOptions(options.calib_data, options.calib_images, options.calib_seed, options.calib_split)
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        variants = build_and_measure(checkpoint, staging, images, imgsz, options)
+        variants = build_and_measure(source, staging, images, options)
         results = [v.result for v in variants]
         rejected = apply_gate(results, options.max_map_drop)
         for variant in variants:
@@ -492,9 +548,9 @@ def run_int8_export(checkpoint: Path, out: Path, options: Int8ExportOptions) -> 
         else:
             verdict = f"all INT8 variants within --max-map-drop {options.max_map_drop} mAP50"
         settings = options.model_dump(mode="json") | {
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": source_sha,
-            "imgsz": imgsz,
+            "source": str(source.path),
+            "source_sha256": source.sha256,
+            "imgsz": source.imgsz,
             "calibration": {
                 "images": len(images),
                 "requested": images.requested,

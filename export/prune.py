@@ -92,6 +92,7 @@ class _SplitFreeCSP(nn.Module):
         self.cv1b = _slice_conv_bn_act(block.cv1, first, first + second)
         self.blocks = block.blocks
         self.cv2 = block.cv2
+        self.train(block.training)  # new layers start in training mode; follow the block's mode
 
     def forward(self, x: Tensor) -> Tensor:
         parts = [self.cv1a(x), self.cv1b(x)]
@@ -110,7 +111,7 @@ class _SplitFreeCSP(nn.Module):
         block.cv2 = self.cv2
         # Tensor.split takes a list of sizes as well as one size.
         block.hidden = first if first == second else [first, second]  # type: ignore[assignment]
-        return block
+        return block.train(self.training)
 
 
 def _half_widths(block: CSPBlock) -> tuple[int, int]:
@@ -194,7 +195,7 @@ def prune_detector(model: Detector, options: PruneOptions) -> PruneResult:
     _replace_children(work, _SplitFreeCSP, lambda block: block.merged())
     work._anchor_cache = {}
     after = measure_cost(work, options.imgsz)
-    check_pruned(work, options.round_to)
+    check_pruned(work, conv_widths(model), options.round_to)
     log.info(
         "pruned %.0f%%: params %d -> %d, MACs %.1fM -> %.1fM",
         options.ratio * 100,
@@ -210,11 +211,17 @@ def conv_widths(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def check_pruned(model: Detector, round_to: int) -> None:
-    """Every prunable conv width is a multiple of ``round_to`` and the head's outputs are untouched."""
+def check_pruned(model: Detector, original_widths: dict[str, int], round_to: int) -> None:
+    """Every conv whose width changed is a multiple of ``round_to``; the head's outputs are untouched.
+
+    Layers narrower than ``round_to`` to begin with (tiny models) cannot be rounded and are left as they were.
+    """
     protected = {id(m) for m in head_output_convs(model)}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and id(module) not in protected and module.out_channels % round_to:
+        if not isinstance(module, nn.Conv2d) or id(module) in protected:
+            continue
+        changed = module.out_channels != original_widths.get(name)
+        if changed and module.out_channels % round_to:
             raise PruneError(f"pruned conv '{name}' has {module.out_channels} channels, not a multiple of {round_to}")
     for branch in model.head.cls_branches:
         if branch[-1].out_channels != model.num_classes:

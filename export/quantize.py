@@ -170,8 +170,16 @@ def stem_convs(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == "Conv" and node.input[0] in inputs]
 
 
+# Data-movement ops whose quantized output ORT ties to their input's scale: a concat group spans through them.
+_SAME_SCALE_OPS = frozenset({"Split", "Slice", "Resize", "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+
+
 def shared_concat_ranges(model: onnx.ModelProto, calibration_cache: str | Path, skip: set[str]) -> dict[str, Any]:
-    """``TensorQuantOverrides`` giving each Concat/Split-connected group of tensors the union of their ranges."""
+    """``TensorQuantOverrides`` giving each group of tensors joined by a Concat the union of their ranges.
+
+    Groups extend through data-movement ops (Split, Slice, Resize, MaxPool, ...) because ORT quantizes their outputs
+    with their input's scale anyway; only Concat joins otherwise independent tensors.
+    """
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     ranges = load_tensors_data(calibration_cache).data
@@ -184,10 +192,12 @@ def shared_concat_ranges(model: onnx.ModelProto, calibration_cache: str | Path, 
         return name
 
     for node in model.graph.node:
-        if node.op_type in ("Concat", "Split") and node.name not in skip:
-            tensors = [t for t in (*node.input, *node.output) if t in ranges]
-            for tensor in tensors[1:]:
-                parent[find(tensor)] = find(tensors[0])
+        if node.name in skip or not (node.op_type == "Concat" or node.op_type in _SAME_SCALE_OPS):
+            continue
+        data_inputs = node.input if node.op_type == "Concat" else node.input[:1]
+        tensors = [t for t in (*data_inputs, *node.output) if t in ranges]
+        for tensor in tensors[1:]:
+            parent[find(tensor)] = find(tensors[0])
     groups: dict[str, list[str]] = {}
     for tensor in parent:
         groups.setdefault(find(tensor), []).append(tensor)

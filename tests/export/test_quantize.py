@@ -28,6 +28,7 @@ from shelfsight.export.quantize import (
     inspect_int8_kernels,
     preprocess_for_quantization,
     quantize_qdq,
+    stem_convs,
     tail_nodes,
     verify_int8_kernels,
 )
@@ -109,7 +110,9 @@ def test_default_quantization_runs_every_conv_as_int8(
     report = verify_int8_kernels(inspect_int8_kernels(int8, expected_float_convs(preprocessed, options)), int8)
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(preprocessed)).graph.node)
     assert report.total_convs == convs > 40
-    assert report.int8_convs == convs and report.float_convs == [] and report.ok
+    # Every conv but the stem (3 input channels, faster as float and kept float on purpose) is INT8.
+    assert report.int8_convs == convs - 1 and len(report.float_convs) == 1 and report.ok
+    assert stem_convs(onnx.load(str(preprocessed))) and options.float_stem
     assert any("QLinearConv" in op for op in report.op_counts)
     graph_ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops
@@ -119,6 +122,13 @@ def test_default_quantization_runs_every_conv_as_int8(
     assert np.all((actual[..., 4:] >= 0) & (actual[..., 4:] <= 1))
     assert np.abs(actual[..., :4] - expected[..., :4]).mean() < 0.02 * IMGSZ
     assert int8.stat().st_size < 0.45 * preprocessed.stat().st_size
+
+
+def test_everything_int8_when_asked(preprocessed: Path, calibration_cache: Path, workdir: Path) -> None:
+    options = QuantizeOptions(float_stem=False)
+    int8 = quantize_qdq(preprocessed, workdir / "int8-all.onnx", calibration_cache, options)
+    report = verify_int8_kernels(inspect_int8_kernels(int8, expected_float_convs(preprocessed, options)), int8)
+    assert report.int8_convs == report.total_convs and report.float_convs == []
 
 
 def test_symmetric_int8_activations_leave_float_convs_and_are_caught(
@@ -136,7 +146,7 @@ def test_symmetric_int8_activations_leave_float_convs_and_are_caught(
 def test_excluded_convs_stay_float_and_are_counted(preprocessed: Path, calibration_cache: Path, workdir: Path) -> None:
     model = onnx.load(str(preprocessed))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    options = QuantizeOptions(per_channel=False, nodes_to_exclude=tuple(convs[1:4]))
+    options = QuantizeOptions(per_channel=False, float_stem=False, nodes_to_exclude=tuple(convs[1:4]))
     int8 = quantize_qdq(preprocessed, workdir / "int8-excluded.onnx", calibration_cache, options)
     allowed = expected_float_convs(preprocessed, options)
     assert allowed == 3
@@ -161,8 +171,10 @@ def test_float_tail_is_the_decode_after_the_last_convs(preprocessed: Path) -> No
     # Nothing that feeds a convolution is in the tail.
     conv_inputs = {i for n in model.graph.node if n.op_type == "Conv" for i in n.input}
     assert not any(set(by_name[name].output) & conv_inputs for name in tail)
-    assert set(excluded_nodes(preprocessed, QuantizeOptions())) == set(tail)
-    assert excluded_nodes(preprocessed, QuantizeOptions(float_tail=False)) == []
+    stem = stem_convs(model)
+    assert len(stem) == 1 and by_name[stem[0]].input[0] == "images"
+    assert set(excluded_nodes(preprocessed, QuantizeOptions())) == set(tail) | set(stem)
+    assert excluded_nodes(preprocessed, QuantizeOptions(float_tail=False, float_stem=False)) == []
 
 
 def test_float_tail_keeps_boxes_closer_to_fp32(
@@ -194,3 +206,38 @@ def test_incompatible_quantize_options_are_refused(options: dict[str, object], m
 def test_unknown_excluded_node_is_an_error(preprocessed: Path) -> None:
     with pytest.raises(QuantizationError, match="unknown node 'no_such_conv'"):
         excluded_nodes(preprocessed, QuantizeOptions(nodes_to_exclude=("no_such_conv",)))
+
+
+def _concat_scale_sets(path: Path) -> list[set[float]]:
+    """For each quantized Concat: the set of scales of its dequantized inputs and of its quantized output."""
+    model = onnx.load(str(path))
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    groups = []
+    for node in model.graph.node:
+        if node.op_type != "Concat":
+            continue
+        inputs = [producer.get(name) for name in node.input]
+        if not all(p is not None and p.op_type == "DequantizeLinear" for p in inputs):
+            continue  # a float (tail) concat
+        scales = {float(consts[p.input[1]]) for p in inputs if p is not None}
+        scales |= {
+            float(consts[q.input[1]]) for q in consumers.get(node.output[0], []) if q.op_type == "QuantizeLinear"
+        }
+        groups.append(scales)
+    return groups
+
+
+def test_concat_inputs_share_one_scale(preprocessed: Path, calibration_cache: Path, workdir: Path) -> None:
+    shared = quantize_qdq(preprocessed, workdir / "shared.onnx", calibration_cache, QuantizeOptions())
+    separate = quantize_qdq(
+        preprocessed, workdir / "separate.onnx", calibration_cache, QuantizeOptions(share_concat_ranges=False)
+    )
+    shared_groups, separate_groups = _concat_scale_sets(shared), _concat_scale_sets(separate)
+    assert len(shared_groups) == len(separate_groups) > 5
+    assert all(len(scales) == 1 for scales in shared_groups)  # QLinearConcat then copies bytes
+    assert any(len(scales) > 1 for scales in separate_groups)
