@@ -1,0 +1,309 @@
+"""`shelf-agent` as a real process: SIGKILL during a broker outage and restart, the will, SIGTERM, bad input,
+credentials kept out of the logs. Real mosquitto, real subscriber, the bundled model, rendered scenario videos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shelfsight.shelf_agent.agent import bundled_model_dir
+from shelfsight.shelf_agent.evaluate import rendered_scenario
+from shelfsight.shelf_agent.events import validate_payload
+from shelfsight.shelf_agent.layout import load_layout
+from shelfsight.shelf_agent.outbox import Outbox
+
+pytestmark = pytest.mark.timeout(150)
+
+SCENARIO = """\
+name: agent-small
+seed: 5
+duration_s: 20
+fps: 10
+camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
+shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
+events:
+  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
+  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
+  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
+"""
+# The same shelf (same seed) as it looks after the first scenario: both depleted slots empty from the start.
+AFTERWARDS = """\
+name: agent-small-afterwards
+seed: 5
+duration_s: 10
+fps: 10
+camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
+shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
+events:
+  - {t: 0, type: deplete, slot: R1S2, duration_s: 0.1}
+  - {t: 0, type: deplete, slot: R2S3, duration_s: 0.1}
+"""
+ROOT = "shelfsight/demo-store/cam-1"
+SECRET = "Pw-9f8e7d6c5b4a"
+
+
+def render(tmp_path_factory: pytest.TempPathFactory, text: str) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    source = base / "scenario-sources" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
+    source.parent.mkdir(exist_ok=True)
+    source.write_text(text, encoding="utf-8")
+    return rendered_scenario(source, base / "scenarios")
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render(tmp_path_factory, SCENARIO)
+
+
+def shelf_agent() -> list[str]:
+    script = Path(sys.executable).parent / "shelf-agent"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "shelfsight.shelf_agent.cli"]
+
+
+class AgentProcess:
+    """One `shelf-agent` process; stderr goes to a file so a failing test can show it."""
+
+    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent"):
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([*shelf_agent(), *args], stdout=subprocess.DEVNULL, stderr=self._log,
+                                     env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"shelf-agent did not exit within {timeout} s:\n{self.log()[-3000:]}") from None
+        finally:
+            self._log.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def agents() -> Any:
+    started: list[AgentProcess] = []
+
+    def start(tmp_path: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent"
+              ) -> AgentProcess:
+        process = AgentProcess(tmp_path, args, env, name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def run_args(scenario: Path, tmp_path: Path, broker: Any, *extra: str, realtime: bool = False) -> list[str]:
+    return ["--camera", str(scenario / "video.mp4"), "--layout", str(scenario / "layout.yaml"),
+            "--realtime" if realtime else "--as-fast-as-possible", "--fps", "5", "--dwell", "2",
+            "--broker", f"{broker.host}:{broker.port}",
+            "--outbox", str(tmp_path / "outbox.sqlite"), "--journal", str(tmp_path / "journal.sqlite"), *extra]
+
+
+def query(path: Path, sql: str) -> list[Any]:
+    """Read the agent's SQLite files from outside, read-only, as an operator would."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return []
+    finally:
+        conn.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def status_is(state: str, reason: str) -> Callable[[list[Any]], bool]:
+    return lambda ms: any(m.topic == f"{ROOT}/status" and (m.json()["state"], m.json()["reason"]) == (state, reason)
+                          for m in ms)
+
+
+# ------------------------------------------------------------------------------------------------ 3. kill -9
+
+def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothing_twice(
+        scenario: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, mosquitto_broker: Any,
+        mqtt_subscriber: Any, agents: Any) -> None:
+    afterwards = render(tmp_path_factory, AFTERWARDS)
+    assert load_layout(afterwards / "layout.yaml").slots == load_layout(scenario / "layout.yaml").slots
+    broker = mosquitto_broker()
+    broker.stop()
+    outbox, journal = tmp_path / "outbox.sqlite", tmp_path / "journal.sqlite"
+
+    first = agents(tmp_path, run_args(scenario, tmp_path, broker), name="first")
+    stored_alert = "SELECT 1 FROM messages WHERE kind = 'alert'"
+    wait_until(lambda: bool(query(outbox, stored_alert)) or first.proc.poll() is not None, 90, "an alert in the outbox")
+    assert first.proc.poll() is None, f"agent ended before the kill:\n{first.log()[-2000:]}"
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    stored = [json.loads(row[0]) for row in query(outbox, "SELECT payload FROM messages WHERE kind = 'alert'")]
+    journaled = [json.loads(row[0]) for row in query(journal, "SELECT payload FROM alerts ORDER BY seq")]
+    assert stored and {a["alert_id"] for a in stored} <= {a["alert_id"] for a in journaled}
+    reported = {a["slot_id"] for a in journaled if a["type"] == "stockout"}
+
+    broker.start()
+    sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
+    second = agents(tmp_path, run_args(afterwards, tmp_path, broker), name="second")
+    assert second.wait(90) == 0, second.log()[-3000:]
+    assert sub.wait_for(status_is("offline", "clean_stop"), 15), second.log()[-3000:]
+
+    delivered = [m.json() for m in sub.on(f"{ROOT}/alert")]
+    delivered_ids = [a["alert_id"] for a in delivered]
+    missing = {a["alert_id"] for a in journaled} - set(delivered_ids)
+    assert not missing, f"stored before the kill but never delivered: {missing}"
+    assert delivered_ids[: len(journaled)] == [a["alert_id"] for a in journaled]  # replayed first, in order
+    seqs = [a["seq"] for a in delivered]
+    assert all(b > a for a, b in pairwise(seqs))
+
+    # The restart saw those slots empty and published that, but raised no second stock-out for them.
+    new = delivered[len(journaled):]
+    assert not [a for a in new if a["type"] == "stockout" and a["slot_id"] in reported], new
+    final_state = {s["slot_id"]: s["state"] for s in sub.on(f"{ROOT}/state")[-1].json()["slots"]}
+    assert all(final_state[slot] == "empty" for slot in reported), (reported, final_state)
+    assert "restored slot state" in second.log()
+    with Outbox(outbox) as box:
+        assert box.depth() == 0
+
+
+# ------------------------------------------------------------------------------------------------ 4./5. will, SIGTERM
+
+LOOP = {"SHELFSIGHT__CAMERA__CAPTURE__LOOP": "true"}  # a live-like source that never ends
+
+
+def test_sigkill_leaves_the_will_offline_connection_lost(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
+                                                         mqtt_subscriber: Any, agents: Any) -> None:
+    broker = mosquitto_broker()
+    sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/status")
+    agent = agents(tmp_path, run_args(scenario, tmp_path, broker, realtime=True), env=LOOP)
+    assert sub.wait_for(status_is("online", "connected"), 60), agent.log()[-3000:]
+    agent.proc.send_signal(signal.SIGKILL)
+    assert agent.wait(10) == -signal.SIGKILL
+    assert sub.wait_for(status_is("offline", "connection_lost"), 15), "no will message"
+    will = [m for m in sub.messages if m.json()["state"] == "offline"][-1]
+    validate_payload(will.json())
+    late = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/status")
+    assert late.wait_for(lambda ms: bool(ms), 10)
+    assert late.messages[0].retain and late.messages[0].json()["reason"] == "connection_lost"
+
+
+def test_sigterm_stops_cleanly(scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any,
+                               agents: Any) -> None:
+    broker = mosquitto_broker()
+    sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
+    agent = agents(tmp_path, run_args(scenario, tmp_path, broker, realtime=True), env=LOOP)
+    assert sub.wait_for(lambda ms: status_is("online", "connected")(ms) and any(m.topic == f"{ROOT}/state"
+                                                                                 for m in ms), 60), agent.log()[-3000:]
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.wait(30) == 0, agent.log()[-3000:]
+    assert sub.wait_for(status_is("offline", "clean_stop"), 10)
+    assert not status_is("offline", "connection_lost")(sub.messages)  # a clean stop sends no will
+    late = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/status")
+    assert late.wait_for(lambda ms: bool(ms), 10)
+    assert late.messages[0].retain and late.messages[0].json()["reason"] == "clean_stop"
+    with Outbox(tmp_path / "outbox.sqlite") as outbox:
+        assert outbox.depth() == 0  # drained, including the final state
+    assert "stopped:" in agent.log() and "Traceback" not in agent.log()
+
+
+# ------------------------------------------------------------------------------------------------ 6. bad input
+
+def corrupt_model(folder: Path) -> Path:
+    target = folder / "model"
+    target.mkdir()
+    source = bundled_model_dir()
+    for item in source.iterdir():
+        data = bytearray(item.read_bytes())
+        if item.suffix == ".onnx":
+            data[len(data) // 2] ^= 0x01  # one flipped bit
+        (target / item.name).write_bytes(bytes(data))
+    return target
+
+
+def bad_input_args(case: str, scenario: Path, tmp_path: Path) -> tuple[list[str], str]:
+    video, layout = str(scenario / "video.mp4"), str(scenario / "layout.yaml")
+    common = ["--no-mqtt", "--outbox", str(tmp_path / "o.sqlite"), "--journal", str(tmp_path / "j.sqlite")]
+    if case == "unknown-config-key":
+        config = tmp_path / "agent.yaml"
+        config.write_text(f"camera:\n  source: {video}\nmqtt:\n  host: localhost\n  hots: typo\n")
+        return ["--config", str(config), *common], f"{config}:5: field 'mqtt.hots'"
+    if case == "missing-layout":
+        return ["--camera", video, "--layout", str(tmp_path / "nope.yaml"), *common], "nope.yaml"
+    if case == "missing-camera-file":
+        return ["--camera", str(tmp_path / "gone.mp4"), "--layout", layout, *common], "gone.mp4"
+    if case == "unreadable-camera-file":
+        junk = tmp_path / "junk.mp4"
+        junk.write_bytes(os.urandom(20_000))
+        return ["--camera", str(junk), "--layout", layout, *common], "junk.mp4"
+    if case == "corrupt-model":
+        return ["--camera", video, "--layout", layout, "--model", str(corrupt_model(tmp_path)), *common], "sha256"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["unknown-config-key", "missing-layout", "missing-camera-file",
+                                  "unreadable-camera-file", "corrupt-model"])
+def test_bad_input_is_one_line_and_exit_2(case: str, scenario: Path, tmp_path: Path) -> None:
+    args, expected = bad_input_args(case, scenario, tmp_path)
+    result = subprocess.run([*shelf_agent(), *args], capture_output=True, text=True, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("shelf-agent")]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith("shelf-agent: error: ") and expected in errors[0], result.stderr
+    if case != "unreadable-camera-file":  # only found out when the capture opens it, after startup
+        assert not (tmp_path / "o.sqlite").exists()  # refused before it touched any state
+
+
+# ------------------------------------------------------------------------------------------------ 9. credentials
+
+def test_password_from_environment_is_used_and_never_logged(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
+                                                            mqtt_password_file: Any, mqtt_subscriber: Any,
+                                                            agents: Any) -> None:
+    passwords = mqtt_password_file({"agent": SECRET, "viewer": "viewer-pw"})
+    broker = mosquitto_broker([f"password_file {passwords}", "allow_anonymous false"])
+    sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#", username="viewer", password="viewer-pw")
+    env = {"SHELFSIGHT__MQTT__USERNAME": "agent"}
+    args = run_args(scenario, tmp_path, broker, "--log-level", "DEBUG", "--log-format", "json")
+
+    wrong = agents(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET[::-1]}, name="wrong")
+    assert wrong.wait(90) == 0
+    assert "refused the connection" in wrong.log()
+    assert not sub.on(f"{ROOT}/alert")
+
+    right = agents(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET}, name="right")
+    assert right.wait(90) == 0, right.log()[-3000:]
+    assert sub.wait_for(status_is("offline", "clean_stop"), 15)
+    assert sub.on(f"{ROOT}/alert"), "authenticated agent delivered nothing"  # the alerts kept from the refused run
+    for process in (wrong, right):
+        text = process.log()
+        assert SECRET not in text and SECRET[::-1] not in text
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
