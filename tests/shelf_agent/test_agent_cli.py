@@ -20,7 +20,8 @@ import pytest
 
 from shelfsight.shelf_agent.agent import bundled_model_dir
 from shelfsight.shelf_agent.evaluate import rendered_scenario
-from shelfsight.shelf_agent.events import validate_payload
+from shelfsight.shelf_agent.events import ModelInfo, build_alert, validate_payload
+from shelfsight.shelf_agent.journal import Journal
 from shelfsight.shelf_agent.layout import load_layout
 from shelfsight.shelf_agent.outbox import Outbox
 
@@ -144,6 +145,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.01)
 
 
+def first_seen(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for alert in alerts:
+        seen.setdefault(alert["alert_id"], alert)
+    return list(seen.values())
+
+
 def status_is(state: str, reason: str) -> Callable[[list[Any]], bool]:
     return lambda ms: any(m.topic == f"{ROOT}/status" and (m.json()["state"], m.json()["reason"]) == (state, reason)
                           for m in ms)
@@ -193,6 +201,15 @@ def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothi
     assert "restored slot state" in second.log()
     with Outbox(outbox) as box:
         assert box.depth() == 0
+
+    # The operator's view of the same history: `shelf-agent alerts` lists every alert of both runs.
+    listing = subprocess.run([*shelf_agent(), "alerts", "--since", "1h", "--journal", str(journal)],
+                             capture_output=True, text=True, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert len(lines) == len(set(delivered_ids))
+    for line, alert in zip(lines, first_seen(delivered), strict=True):
+        assert f"#{alert['seq']}" in line and alert["type"] in line and alert["slot_id"] in line
 
 
 # ------------------------------------------------------------------------------------------------ 4./5. will, SIGTERM
@@ -307,3 +324,55 @@ def test_password_from_environment_is_used_and_never_logged(scenario: Path, tmp_
         assert SECRET not in text and SECRET[::-1] not in text
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
         assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+
+# ------------------------------------------------------------------------------------------------ alerts
+
+MODEL = ModelInfo(name="m", sha256="0" * 64, precision="int8")
+
+
+def journal_with_history(path: Path) -> list[dict[str, Any]]:
+    """Three alerts, the first one recorded two hours ago."""
+    alerts = [
+        build_alert(seq=i + 1, alert_type=kind, store_id="demo-store", camera_id="cam-1", slot_id=slot, sku=sku,
+                    event_frame_ts=10.0 * i, raised_frame_ts=10.0 * i + 2, confidence=0.9, bbox=[0.1, 0.1, 0.2, 0.2],
+                    model=MODEL, time_origin=1_700_000_000.0)
+        for i, (kind, slot, sku) in enumerate([("stockout", "R1S2", "Tea"), ("stockout", "R2S3", None),
+                                                ("restocked", "R1S2", "Tea")])
+    ]
+    journal = Journal(path)
+    journal.record_alerts(alerts, pending=False)
+    journal.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alerts SET recorded = recorded - 7200 WHERE seq = 1")
+    return alerts
+
+
+def test_alerts_lists_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    alerts = journal_with_history(path)
+    result = subprocess.run([*shelf_agent(), "alerts", "--since", "1h", "--journal", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2  # the two-hour-old one is outside --since 1h
+    assert "#2" in lines[0] and "stockout" in lines[0] and "R2S3" in lines[0] and "sku=-" in lines[0]
+    assert "#3" in lines[1] and "restocked" in lines[1] and "sku=Tea" in lines[1]
+    assert alerts[1]["raised_time"] in lines[0] and alerts[1]["event_time"] in lines[0]
+
+    everything = subprocess.run([*shelf_agent(), "alerts", "--journal", str(path), "--json", "--type", "stockout"],
+                                capture_output=True, text=True, timeout=30)
+    assert [json.loads(line) for line in everything.stdout.splitlines()] == alerts[:2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--journal", "{tmp}/absent.sqlite"], "no alert journal here"),
+        (["--since", "yesterday"], "not a duration"),
+    ],
+)
+def test_alerts_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    result = subprocess.run([*shelf_agent(), "alerts", *[a.format(tmp=tmp_path) for a in args]],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -83,3 +83,59 @@ def test_not_a_database_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(JournalError, match="cannot open alert journal"):
         Journal(path)
+
+
+# ------------------------------------------------------------------------------------------------ write-ahead
+
+def test_alerts_and_state_are_written_ahead_together_and_marked_queued(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    state = {"version": 1, "reported": {"R1S1": {"reported_empty": True}}}
+    journal.record_alerts([alert(1), alert(2, slot="R1S2")], state=("slot_state", state))
+    assert [a["seq"] for a in journal.pending_alerts()] == [1, 2]
+    assert journal.load_state("slot_state") == state
+    journal.mark_queued("id-1-stockout-R1S1")
+    assert [a["seq"] for a in journal.pending_alerts()] == [2]
+    assert [a["seq"] for a in journal.alerts()] == [1, 2]  # history shows pending ones too: they were raised
+    journal.close()
+    reopened = Journal(tmp_path / "j.sqlite")  # pending survives a restart
+    assert [a["seq"] for a in reopened.pending_alerts()] == [2]
+    reopened.close()
+
+
+def test_write_ahead_is_all_or_nothing(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.save_state("slot_state", {"version": 1, "reported": {}})
+    with pytest.raises(TypeError):  # the state cannot be stored: neither can the alert
+        journal.record_alerts([alert(1)], state=("slot_state", {"bad": object()}))
+    assert journal.alerts() == [] and journal.pending_alerts() == []
+    assert journal.load_state("slot_state") == {"version": 1, "reported": {}}
+    journal.record_alerts([alert(2)])  # and the journal is usable afterwards (no transaction left open)
+    assert [a["seq"] for a in journal.pending_alerts()] == [2]
+    journal.close()
+
+
+def test_history_only_records_are_not_pending(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.record_alert(alert(1))
+    journal.record_alerts([alert(2)], pending=False)
+    assert journal.pending_alerts() == [] and len(journal.alerts()) == 2
+    journal.close()
+
+
+def test_journal_from_before_the_write_ahead_column_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE alerts (alert_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, type TEXT NOT NULL, "
+            "slot_id TEXT NOT NULL, event_time TEXT NOT NULL, raised_time TEXT NOT NULL, recorded REAL NOT NULL, "
+            "payload TEXT NOT NULL);"
+            "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        )
+        conn.execute("INSERT INTO alerts VALUES ('old', 1, 'stockout', 'R1S1', 'e', 'r', ?, ?)",
+                     (time.time(), '{"alert_id": "old", "seq": 1}'))
+    journal = Journal(path)
+    assert journal.pending_alerts() == []  # what an old agent recorded had gone to its outbox
+    assert [a["alert_id"] for a in journal.alerts()] == ["old"]
+    journal.record_alerts([alert(2)])
+    assert [a["seq"] for a in journal.pending_alerts()] == [2]
+    journal.close()
