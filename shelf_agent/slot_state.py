@@ -74,8 +74,10 @@ class SlotStateConfig(BaseModel):
     present_coverage: float = Field(
         default=0.25, ge=0, le=1, description="products covering this much count as present even if no box is centred"
     )
+    # A neighbour's gap box overlapping the slot's edge (box jitter) covers up to ~10 % of it: not evidence.
+    # One missing facing of three covers ~30 %, and its own gap box is centred in the slot anyway.
     low_gap_coverage: float = Field(
-        default=0.05, gt=0, le=1, description="gap evidence (besides a gap box centred in the slot) needed for 'low'"
+        default=0.15, gt=0, le=1, description="gap evidence (besides a gap box centred in the slot) needed for 'low'"
     )
     empty_gap_coverage: float = Field(default=0.4, gt=0, le=1, description="gap evidence needed for 'empty'")
     low_coverage: float = Field(
@@ -213,18 +215,27 @@ class SlotStateMachine:
         return observed, partial
 
     def _color_jump(self, obs: SlotObservation, dt: float) -> np.ndarray:
+        """Slots whose mean colour just left their reference, after removing the global lighting gain."""
         occ = self.config.occlusion
         n = len(self.slot_ids)
         if obs.mean_color is None or occ.color_change is None:
             return np.zeros(n, bool)
-        # Dividing by the median slot removes global lighting changes; a shopper changes a minority of slots.
-        normalized = obs.mean_color / (np.median(obs.mean_color, axis=0, keepdims=True) + 1.0)
+        color = obs.mean_color.astype(np.float64) + 1.0
         if self._color_ref is None:
-            self._color_ref = normalized.copy()
-        over = np.abs(normalized - self._color_ref).max(axis=1) > occ.color_change
+            self._color_ref = color.copy()
+        # Gain per channel = median over slots of colour / reference: lighting changes every slot alike, and a
+        # shopper in front of even a third of the slots cannot move a median of ratios much (a median of the
+        # colours themselves shifts with every slot the shopper covers and made the whole shelf 'jump').
+        gain = np.median(color / self._color_ref, axis=0, keepdims=True)
+        expected = self._color_ref * gain
+        scale = np.median(expected, axis=0, keepdims=True)
+        over = (np.abs(color - expected) / scale).max(axis=1) > occ.color_change
         jump = over & ~self._color_over
         self._color_over = over
-        self._color_ref += (normalized - self._color_ref) * (1.0 - math.exp(-dt / occ.color_reference_tau_s))
+        # A held slot keeps its reference: when the shopper in front of it leaves, its colour comes back to the
+        # reference instead of 'jumping' to it again, so a departure is never taken for a new occluder.
+        alpha = (1.0 - math.exp(-dt / occ.color_reference_tau_s)) * ~self._held
+        self._color_ref += (color / gain - self._color_ref) * alpha[:, None]
         return jump
 
     def _mass_change(self, t: float) -> np.ndarray:
@@ -262,16 +273,23 @@ class SlotStateMachine:
 
         observed, partial = self._observe(observation)
         # Only changes for the worse count towards a mass change (levels are ordered ok < low < empty <
-        # occluded): a shopper arriving is suspicious, a shopper leaving is not.
+        # occluded): a shopper arriving is suspicious, a shopper leaving is not. A partly hidden slot counts at
+        # the level its visible evidence is consistent with: a product box the detector missed in a full slot
+        # (no gap seen) is no change at all, and such misses in many slots at once are not a mass change.
+        level = np.where((observed == OCCLUDED) & (partial >= 0), partial, observed).astype(np.int8)
         prev = self._prev_observed
-        flipped = (prev >= 0) & (prev != OCCLUDED) & (observed > prev)
+        flipped = (prev >= 0) & (prev != OCCLUDED) & (level > prev)
         flipped |= self._color_jump(observation, dt)
-        self._prev_observed = observed
+        self._prev_observed = level
         self._changed_at[flipped] = t
         mass = self._mass_change(t)
         self._hold_until[mass] = np.maximum(self._hold_until[mass], t + occ.settle_s)
         settling = self._hold_until > t
         held = (observed == OCCLUDED) | settling
+        # A settling slot that still shows a clear level is partial evidence like a partly hidden one: it keeps a
+        # confirmation that was already running (a shopper elsewhere must not push a real alert past its
+        # dwell), but never starts one.
+        partial = np.where(settling & (observed != OCCLUDED), observed, partial).astype(np.int8)
         confirmed = self._advance_runs(observation, observed, partial, ~held, dt, t)
 
         # Published occlusion is debounced so a slot on the edge of a shopper does not flap.
