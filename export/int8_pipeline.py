@@ -81,24 +81,24 @@ class Int8ExportOptions(BaseModel):
 
     calib_data: Path = Field(description="image folder or data.yaml to calibrate on")
     val_data: Path = Field(description="data.yaml whose val split scores every variant")
-    imgsz: int | None = Field(None, ge=32, multiple_of=32)
+    imgsz: int | None = Field(default=None, ge=32, multiple_of=32)
     name: str | None = None
     calib_method: CalibMethodName = "minmax"
-    calib_images: int = Field(300, ge=1)
+    calib_images: int = Field(default=300, ge=1)
     calib_seed: int = 0
     calib_split: Literal["train", "val", "test"] = "train"
     calib_cache: Path | None = None
-    prune: float | None = Field(None, gt=0.0, lt=1.0)
-    finetune_epochs: int = Field(0, ge=0)
+    prune: float | None = Field(default=None, gt=0.0, lt=1.0)
+    finetune_epochs: int = Field(default=0, ge=0)
     train_data: Path | None = None
-    finetune_batch: int = Field(8, ge=1)
-    finetune_lr: float = Field(0.001, gt=0)
-    max_map_drop: float = Field(0.01, ge=0.0, le=1.0)
-    val_limit: int | None = Field(None, ge=1)
-    latency_threads: int = Field(1, ge=1)
-    latency_runs: int = Field(50, ge=1)
+    finetune_batch: int = Field(default=8, ge=1)
+    finetune_lr: float = Field(default=0.001, gt=0)
+    max_map_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    val_limit: int | None = Field(default=None, ge=1)
+    latency_threads: int = Field(default=1, ge=1)
+    latency_runs: int = Field(default=50, ge=1)
     tensorrt_variant: bool = True
-    opset: int = Field(17, ge=13, le=23)
+    opset: int = Field(default=17, ge=13, le=23)
     force: bool = False
     command: str | None = None
 
@@ -271,15 +271,16 @@ def record_metrics(manifest_path: Path, metrics: Metrics) -> Path:
 
 
 def apply_gate(results: list[VariantResult], max_map_drop: float) -> list[str]:
-    """Mark each gated variant passed/failed by its mAP50 drop from its parent; -> names of the failed ones.
+    """Mark each gated variant passed/failed by its mAP50 loss against the original FP32 model -> failed names.
 
+    Every derived variant (INT8, pruned, pruned INT8) must be about as accurate as the model it would replace.
     A variant without a measured drop fails: an unmeasured model is not proven to be as accurate.
     """
     failed = []
     for result in results:
         if not result.gated:
             continue
-        drop = result.map50_drop
+        drop = result.map50_drop_vs_fp32
         result.passed = drop is not None and drop <= max_map_drop + 1e-9
         if not result.passed:
             failed.append(result.name)
@@ -466,6 +467,7 @@ def _pruned_variant(
         )
         manifest = export_pruned_step(pruned, staging / "pruned-fp32", export_options)
         variant = _fp32_variant("pruned-fp32", manifest, pruned, imgsz, fp32)
+        variant.result.gated = True
     variant.result.notes.append(
         f"{options.prune:.0%} of channels pruned, fine-tuned {options.finetune_epochs} epoch(s)"
     )
@@ -507,6 +509,7 @@ def build_and_measure(
         variant.result.map50 = variant.evaluation.map50
         variant.result.map50_95 = variant.evaluation.map50_95
         variant.result.parent_map50 = variant.parent.evaluation.map50 if variant.parent else None
+        variant.result.fp32_map50 = fp32.evaluation.map50 if variant is not fp32 else None
     timed = [v for v in variants if not v.result.name.endswith("-tensorrt")]
     latencies = measure_ort_latency(
         [_model_file(v.manifest) for v in timed], threads=options.latency_threads, runs=options.latency_runs
@@ -544,9 +547,11 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
                 if variant.result.name in rejected:
                     (staging / variant.result.name).rename(staging / REJECTED_DIR / variant.result.name)
                     variant.result.folder = f"{REJECTED_DIR}/{variant.result.name}"
-            verdict = f"REJECTED {', '.join(rejected)}: mAP50 drop above --max-map-drop {options.max_map_drop}"
+            verdict = (
+                f"REJECTED {', '.join(rejected)}: mAP50 below FP32 by more than --max-map-drop {options.max_map_drop}"
+            )
         else:
-            verdict = f"all INT8 variants within --max-map-drop {options.max_map_drop} mAP50"
+            verdict = f"every variant within --max-map-drop {options.max_map_drop} mAP50 of FP32"
         settings = options.model_dump(mode="json") | {
             "source": str(source.path),
             "source_sha256": source.sha256,
@@ -580,7 +585,7 @@ def summary_lines(report_json: Path) -> list[str]:
         latency = v["latency"]["median_ms"] if v.get("latency") else None
         lines.append(
             f"  {v['name']:<20} mAP50 {v['map50']:.4f}"
-            + (f"  drop {v['map50_drop']:+.4f}" if v.get("map50_drop") is not None else "")
+            + (f"  drop vs FP32 {v['map50_drop_vs_fp32']:+.4f}" if v.get("map50_drop_vs_fp32") is not None else "")
             + (f"  {latency:.2f} ms" if latency is not None else "")
         )
     return lines

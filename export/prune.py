@@ -51,9 +51,9 @@ class PruneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of channels removed from each prunable group")
-    round_to: int = Field(8, ge=1)
+    round_to: int = Field(default=8, ge=1)
     importance_norm: Literal[1, 2] = 2
-    imgsz: int = Field(320, ge=32, multiple_of=32)
+    imgsz: int = Field(default=320, ge=32, multiple_of=32)
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class _SplitFreeCSP(nn.Module):
         block.blocks = self.blocks
         block.cv2 = self.cv2
         # Tensor.split takes a list of sizes as well as one size.
-        block.hidden = first if first == second else [first, second]  # type: ignore[assignment]
+        block.hidden = first if first == second else [first, second]
         return block.train(self.training)
 
 
@@ -262,7 +262,7 @@ def reshape_to_state_dict(model: Detector, state_dict: dict[str, Tensor]) -> Det
         if isinstance(module, CSPBlock) and len(module.blocks):
             second = module.blocks[0].cv1.conv.in_channels
             first = module.cv1.conv.out_channels - second
-            module.hidden = first if first == second else [first, second]  # type: ignore[assignment]
+            module.hidden = first if first == second else [first, second]
     model._anchor_cache = {}
     return model
 
@@ -321,7 +321,6 @@ def _atomic_save(checkpoint: dict[str, Any], path: Path) -> Path:
     torch.save(checkpoint, tmp)
     tmp.replace(path)
     return path
-
 
 
 # --- pipeline steps: prune -> fine-tune -> export ---------------------------------------------------------------------
@@ -390,7 +389,8 @@ def finetune_step(pruned_checkpoint: Path, out_dir: Path, options: FinetuneStepO
         val_limit=options.val_limit,
         progress=False,
     )
-    result = trainer.train(config, model=model)  # type: ignore[call-arg]
+    train: Any = trainer.train  # the model= hook is checked above; older trainers lack it
+    result = train(config, model=model)
     return resave_with_record(result.best or result.last, out_dir / "pruned.pt", meta.extra.get(PRUNING_KEY) or {})
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 INT8_CONV_OPS = frozenset({"QLinearConv", "ConvInteger", "NhwcQLinearConv", "QLinearConvTranspose"})
 # Float convolution kernels, including the layout-optimized and activation-fused forms.
 FLOAT_CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "NhwcConv", "ConvTranspose"})
+
+MIN_QDQ_OPSET = 13
 
 _QUANT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 
@@ -61,7 +64,7 @@ class QuantizeOptions(BaseModel):
     share_concat_ranges: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
-    allowed_float_convs: int = Field(0, ge=0)
+    allowed_float_convs: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _compatible(self) -> QuantizeOptions:
@@ -111,8 +114,18 @@ class Int8KernelReport:
 def preprocess_for_quantization(fp32_onnx: str | Path, out_path: str | Path) -> Path:
     """ORT's quantization pre-pass: symbolic shape inference + graph optimization (folds, fusions)."""
     out_path = Path(out_path)
+    source: str | onnx.ModelProto = str(fp32_onnx)
+    model = onnx.load(str(fp32_onnx))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_QDQ_OPSET)
+    if opset < MIN_QDQ_OPSET:
+        # Per-channel DequantizeLinear needs its 'axis' attribute, which arrived in opset 13 (third-party models such
+        # as the public YOLOX exports are often opset 11); quantize_static does not upgrade far enough by itself.
+        try:
+            source = onnx.version_converter.convert_version(model, MIN_QDQ_OPSET)
+        except Exception as exc:
+            raise QuantizationError(f"{fp32_onnx}: cannot convert opset {opset} to {MIN_QDQ_OPSET}: {exc}") from exc
     try:
-        quant_pre_process(str(fp32_onnx), str(out_path), skip_symbolic_shape=False)
+        quant_pre_process(source, str(out_path), skip_symbolic_shape=False)
     except Exception as exc:  # the pre-pass raises bare asserts and onnx errors alike
         raise QuantizationError(f"{fp32_onnx}: quantization pre-processing failed: {exc}") from exc
     return out_path

@@ -51,6 +51,7 @@ class VariantResult:
     map50: float | None = None
     map50_95: float | None = None
     parent_map50: float | None = None
+    fp32_map50: float | None = None  # the original FP32 model's: what the gate compares against
     gated: bool = False
     passed: bool | None = None
     int8_kernels: str | None = None
@@ -58,9 +59,17 @@ class VariantResult:
 
     @property
     def map50_drop(self) -> float | None:
+        """Loss against the direct parent (INT8 vs its FP32 model, pruned FP32 vs the original FP32)."""
         if self.map50 is None or self.parent_map50 is None:
             return None
         return self.parent_map50 - self.map50
+
+    @property
+    def map50_drop_vs_fp32(self) -> float | None:
+        """Loss against the original FP32 model: the accuracy gate."""
+        if self.map50 is None or self.fp32_map50 is None:
+            return None
+        return self.fp32_map50 - self.map50
 
 
 def _session(onnx_path: Path, threads: int) -> Any:
@@ -142,18 +151,19 @@ def render_markdown(results: Sequence[VariantResult], settings: dict[str, Any], 
         f"Latency: ONNX Runtime CPU, {threads} thread(s), median of the measured runs (see report.json), "
         f"on `{platform.processor() or platform.machine()}`. mAP on the validation set, runtime ORT backend.",
         "",
-        "| variant | precision | size (MB) | params | MACs (G) | latency median (ms) | min (ms) | x FP32 | mAP50 "
-        "| mAP50-95 | mAP50 drop | gate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | parent | precision | size (MB) | params | MACs (G) | latency median (ms) | min (ms) | x FP32 "
+        "| mAP50 | mAP50-95 | mAP50 drop vs parent | vs FP32 | gate |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         gate = "-" if not r.gated else ("pass" if r.passed else "**REJECTED**")
         lines.append(
-            f"| {r.name} | {r.precision} | {_fmt(r.model_bytes, '.2f', 1e6)} | {_fmt(r.params, ',d')} "
+            f"| {r.name} | {r.parent or '-'} | {r.precision} | {_fmt(r.model_bytes, '.2f', 1e6)} "
+            f"| {_fmt(r.params, ',d')} "
             f"| {_fmt(r.macs, '.3f', 1e9)} | {_fmt(r.latency.median_ms if r.latency else None, '.2f')} "
             f"| {_fmt(r.latency.min_ms if r.latency else None, '.2f')} "
             f"| {_ratio(r, baseline)} | {_fmt(r.map50, '.4f')} | {_fmt(r.map50_95, '.4f')} "
-            f"| {_fmt(r.map50_drop, '+.4f')} | {gate} |"
+            f"| {_fmt(r.map50_drop, '+.4f')} | {_fmt(r.map50_drop_vs_fp32, '+.4f')} | {gate} |"
         )
     notes = [(r.name, note) for r in results for note in ([r.int8_kernels] if r.int8_kernels else []) + r.notes]
     if notes:
@@ -210,7 +220,9 @@ def write_report(
             "python": platform.python_version(),
         },
         "settings": settings,
-        "variants": [{**asdict(r), "map50_drop": r.map50_drop} for r in results],
+        "variants": [
+            {**asdict(r), "map50_drop": r.map50_drop, "map50_drop_vs_fp32": r.map50_drop_vs_fp32} for r in results
+        ],
     }
     json_path = folder / "report.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

@@ -52,7 +52,7 @@ class EngineOptions(BaseModel):
 
     fp16: bool = False
     int8: bool = False
-    workspace_mb: int = Field(1024, ge=16, le=1 << 20)
+    workspace_mb: int = Field(default=1024, ge=16, le=1 << 20)
 
     # int8 + fp16 is allowed on purpose: layers left in float by the Q/DQ model (the box decode) may then run in
     # FP16. Whether int8 fits the model is checked in check_model_fits_options, where the model is known.

@@ -75,7 +75,7 @@ def test_any_key_change_recalibrates(
         # Same graph, another name: a different file, so a different sha256 and a fresh calibration.
         model = tmp_path / "other.onnx"
         model.write_bytes(conv_onnx.read_bytes().replace(b"tiny", b"tinz"))
-    second = calibrate_tensor_ranges(model, reader, method, digest, cache, calibrator_factory=factory)  # type: ignore[arg-type]
+    second = calibrate_tensor_ranges(model, reader, method, digest, cache, calibrator_factory=factory)
     assert len(factory.calls) == 2
     assert not second.cache_hit and second.cache_path != first.cache_path
 
@@ -106,4 +106,4 @@ def test_unreadable_cache_is_a_clear_error(
 def test_unknown_method_is_refused(conv_onnx: Path, tmp_path: Path, reader_and_digest: tuple[Any, str]) -> None:
     reader, digest = reader_and_digest
     with pytest.raises(CalibrationCacheError, match="unknown calibration method 'kl'"):
-        calibrate_tensor_ranges(conv_onnx, reader, "kl", digest, tmp_path / "cache")  # type: ignore[arg-type]
+        calibrate_tensor_ranges(conv_onnx, reader, "kl", digest, tmp_path / "cache")

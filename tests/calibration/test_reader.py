@@ -92,6 +92,7 @@ def test_digest_depends_on_content_and_spec_not_order(image_folder: Path, input_
     fewer = select_calibration_images(image_folder, count=5, seed=1)
     assert calibration_digest(fewer, input_spec) != calibration_digest(a, input_spec)
     image = cv2.imread(str(a.paths[0]))
+    assert image is not None
     image[0, 0] = 255 - image[0, 0]
     cv2.imwrite(str(a.paths[0]), image)
     edited = select_calibration_images(image_folder, count=6, seed=1)

@@ -165,7 +165,7 @@ def test_accuracy_gate_rejects_a_broken_calibration(
     assert (out / REJECTED_DIR / "int8" / "model.onnx").is_file()
     assert (out / REJECTED_DIR / "report.md").read_text().count("REJECTED") >= 1
     variants = {v["name"]: v for v in json.loads((out / "report.json").read_text())["variants"]}
-    assert variants["int8"]["passed"] is False and variants["int8"]["map50_drop"] > 0
+    assert variants["int8"]["passed"] is False and variants["int8"]["map50_drop_vs_fp32"] > 0
     assert variants["int8"]["folder"] == f"{REJECTED_DIR}/int8"
     assert load_manifest(out / "fp32").artifact().sha256 == load_manifest(fp32_folder).artifact().sha256
 
@@ -173,7 +173,7 @@ def test_accuracy_gate_rejects_a_broken_calibration(
 def test_model_folder_source_refuses_pruning_and_resizing(exported: tuple[Path, Path, Path], tiny_data: Path) -> None:
     fp32_folder = exported[0] / "out" / "fp32"
     for changes, message in (({"prune": 0.3}, "--prune needs a PyTorch checkpoint"), ({"imgsz": 256}, "--imgsz")):
-        options = Int8ExportOptions(calib_data=tiny_data, val_data=tiny_data, **changes)  # type: ignore[arg-type]
+        options = Int8ExportOptions(calib_data=tiny_data, val_data=tiny_data, **changes)
         with pytest.raises(ShelfSightError, match=message):
             run_int8_export(fp32_folder, exported[0] / "never", options)
     with pytest.raises(ShelfSightError, match="source model is int8"):
@@ -194,7 +194,7 @@ def test_pruned_model_is_fine_tuned_with_the_project_trainer(trained_run: Any, t
 
 
 def _result(name: str, drop: float | None, gated: bool = True) -> VariantResult:
-    result = VariantResult(name, "int8", name, 1, gated=gated, parent_map50=0.5)
+    result = VariantResult(name, "int8", name, 1, gated=gated, parent_map50=0.7, fp32_map50=0.5)
     result.map50 = None if drop is None else 0.5 - drop
     return result
 
@@ -206,7 +206,7 @@ def _result(name: str, drop: float | None, gated: bool = True) -> VariantResult:
         ({"int8": 0.01}, 0.01, []),
         ({"int8": 0.0101}, 0.01, ["int8"]),
         ({"int8": -0.02}, 0.0, []),  # INT8 better than FP32 passes
-        ({"int8": 0.0, "pruned-int8": 0.2}, 0.01, ["pruned-int8"]),
+        ({"int8": 0.0, "pruned-fp32": 0.03, "pruned-int8": 0.2}, 0.01, ["pruned-fp32", "pruned-int8"]),
         ({"int8": None}, 0.5, ["int8"]),  # not measured = not proven
     ],
 )
@@ -233,7 +233,7 @@ def test_gate(drops: dict[str, float | None], max_drop: float, failed: list[str]
 def test_incompatible_options_are_errors(changes: dict[str, object], message: str) -> None:
     values: dict[str, object] = {"calib_data": "calib", "val_data": "data.yaml"} | changes
     with pytest.raises(ValueError, match=message):
-        Int8ExportOptions(**values)  # type: ignore[arg-type]
+        Int8ExportOptions(**values)
 
 
 class _Args:

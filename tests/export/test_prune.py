@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from shelfsight.export.model import CSPBlock, ModelConfig, build_model, read_checkpoint
+from shelfsight.export.model import CSPBlock, Detector, ModelConfig, build_model, read_checkpoint
 from shelfsight.export.prune import (
     PRUNING_KEY,
     PruneError,
     PruneOptions,
+    PruneResult,
     _SplitFreeCSP,
     conv_widths,
     head_output_convs,
@@ -25,7 +26,7 @@ IMGSZ = 128
 
 
 @pytest.fixture(scope="module")
-def detector() -> nn.Module:
+def detector() -> Detector:
     torch.manual_seed(0)
     model = build_model(ModelConfig(num_classes=2, width=0.25, depth=0.33, imgsz=IMGSZ))
     model.train()
@@ -36,7 +37,7 @@ def detector() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def pruned_half(detector: nn.Module):  # noqa: ANN201
+def pruned_half(detector: Detector) -> PruneResult:
     return prune_detector(detector, PruneOptions(ratio=0.5, imgsz=IMGSZ))
 
 
@@ -49,7 +50,7 @@ def test_split_free_rewrite_is_exact(detector: nn.Module) -> None:
         torch.testing.assert_close(rewritten.merged()(x), block(x))
 
 
-def test_half_pruning_shrinks_the_model_and_keeps_the_contract(detector: nn.Module, pruned_half) -> None:  # noqa: ANN001
+def test_half_pruning_shrinks_the_model_and_keeps_the_contract(detector: nn.Module, pruned_half: PruneResult) -> None:
     before, after = pruned_half.before, pruned_half.after
     assert after.params < 0.5 * before.params
     assert after.macs < 0.5 * before.macs
@@ -60,7 +61,7 @@ def test_half_pruning_shrinks_the_model_and_keeps_the_contract(detector: nn.Modu
     assert sum(p.numel() for p in detector.parameters()) == before.params
 
 
-def test_channel_counts_are_multiples_of_8_and_head_outputs_kept(pruned_half) -> None:  # noqa: ANN001
+def test_channel_counts_are_multiples_of_8_and_head_outputs_kept(pruned_half: PruneResult) -> None:
     model = pruned_half.model
     protected = {id(m) for m in head_output_convs(model)}
     widths = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -71,7 +72,7 @@ def test_channel_counts_are_multiples_of_8_and_head_outputs_kept(pruned_half) ->
     assert [m.out_channels for m in head_output_convs(model)] == [2, 2, 2, 4, 4, 4]
 
 
-def test_pruned_model_still_trains(pruned_half) -> None:  # noqa: ANN001
+def test_pruned_model_still_trains(pruned_half: PruneResult) -> None:
     """Fine-tuning needs the training-mode forward (logits, distances) and gradients everywhere."""
     model = pruned_half.model
     model.train()
@@ -85,7 +86,7 @@ def test_pruned_model_still_trains(pruned_half) -> None:  # noqa: ANN001
         model.eval()
 
 
-def test_pruned_checkpoint_saves_and_reloads(pruned_half, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pruned_checkpoint_saves_and_reloads(pruned_half: PruneResult, tmp_path: Path) -> None:
     path = save_pruned_checkpoint(
         pruned_half, pruned_half.model, ["product", "gap"], IMGSZ, tmp_path / "pruned.pt", extra_record={"k": "v"}
     )
@@ -107,14 +108,12 @@ def test_other_ratios_round_to_8(detector: nn.Module, ratio: float) -> None:
     result = prune_detector(detector, PruneOptions(ratio=ratio, imgsz=IMGSZ))
     protected = {id(m) for m in head_output_convs(result.model)}
     assert all(
-        m.out_channels % 8 == 0
-        for m in result.model.modules()
-        if isinstance(m, nn.Conv2d) and id(m) not in protected
+        m.out_channels % 8 == 0 for m in result.model.modules() if isinstance(m, nn.Conv2d) and id(m) not in protected
     )
     assert result.after.params < result.before.params
 
 
-def test_fused_model_is_refused(detector: nn.Module) -> None:
+def test_fused_model_is_refused(detector: Detector) -> None:
     with pytest.raises(PruneError, match="not a fused"):
         prune_detector(detector.fused(), PruneOptions(ratio=0.5, imgsz=IMGSZ))
 
@@ -122,4 +121,4 @@ def test_fused_model_is_refused(detector: nn.Module) -> None:
 @pytest.mark.parametrize("bad", [{"ratio": 0.0}, {"ratio": 1.0}, {"ratio": 0.5, "imgsz": 100}, {"ratio": 0.5, "x": 1}])
 def test_prune_options_are_strict(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        PruneOptions(**bad)  # type: ignore[arg-type]
+        PruneOptions(**bad)

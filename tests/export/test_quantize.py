@@ -6,6 +6,7 @@ quantizes it with real ORT tooling and inspects the real ORT-optimized graph.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -200,7 +201,7 @@ def test_float_tail_keeps_boxes_closer_to_fp32(
 )
 def test_incompatible_quantize_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        QuantizeOptions(**options)  # type: ignore[arg-type]
+        QuantizeOptions(**options)
 
 
 def test_unknown_excluded_node_is_an_error(preprocessed: Path) -> None:
@@ -241,3 +242,37 @@ def test_concat_inputs_share_one_scale(preprocessed: Path, calibration_cache: Pa
     assert len(shared_groups) == len(separate_groups) > 5
     assert all(len(scales) == 1 for scales in shared_groups)  # QLinearConcat then copies bytes
     assert any(len(scales) > 1 for scales in separate_groups)
+
+
+SHARED = Path(os.environ.get("SHELFSIGHT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
+YOLOX = SHARED / "third-party-models" / "yolox_nano" / "yolox_nano.onnx"
+COCO_PHOTOS = SHARED / "third-party-models" / "coco_val2017_subset"
+
+
+@pytest.mark.skipif(
+    not (YOLOX.is_file() and COCO_PHOTOS.is_dir()),
+    reason=f"YOLOX-Nano test material not found under {SHARED} (set SHELFSIGHT_SHARED_DATA)",
+)
+def test_third_party_opset11_model_quantizes_to_int8_kernels(workdir: Path) -> None:
+    """The public YOLOX-Nano export is opset 11, too old for per-channel Q/DQ: it is upgraded to 13 first."""
+    from shelfsight.runtime.manifest import InputSpec
+
+    assert next(o.version for o in onnx.load(str(YOLOX)).opset_import if o.domain in ("", "ai.onnx")) == 11
+    pre = preprocess_for_quantization(YOLOX, workdir / "yolox-pre.onnx")
+    assert next(o.version for o in onnx.load(str(pre)).opset_import if o.domain in ("", "ai.onnx")) >= 13
+    spec = InputSpec(
+        name="images", shape=[1, 3, 416, 416], channel_order="BGR", pixel_scale=1.0, letterbox_align="top-left"
+    )
+    images = select_calibration_images(COCO_PHOTOS, count=6)
+    ranges = calibrate_tensor_ranges(
+        pre, ImageCalibrationReader(images, spec), "minmax", calibration_digest(images, spec), workdir / "yc"
+    )
+    options = QuantizeOptions()
+    int8 = quantize_qdq(pre, workdir / "yolox-int8.onnx", ranges.cache_path, options)
+    report = verify_int8_kernels(inspect_int8_kernels(int8, expected_float_convs(pre, options)), int8)
+    assert report.total_convs > 100 and report.int8_convs == report.total_convs
+    frame = cv2.imread(str(next(COCO_PHOTOS.glob("*.jpg"))))
+    from shelfsight.runtime.preprocess import preprocess_frame
+
+    output = _run(int8, preprocess_frame(frame, spec)[0][None])
+    assert output.shape == (1, 3549, 85) and np.isfinite(output).all()
