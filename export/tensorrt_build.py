@@ -173,16 +173,28 @@ def verify_engine(engine_path: str | Path, expected: EngineKey) -> Path:
     return engine_path
 
 
-def model_has_qdq(onnx_path: str | Path) -> bool:
+def qdq_zero_point_types(onnx_path: str | Path) -> set[str]:
+    """Element types of the QuantizeLinear zero points ({} for a float model)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+    types = {t.name: onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            found.add(types.get(node.input[2], "UINT8") if len(node.input) > 2 else "UINT8")
+    return found
 
 
 def check_model_fits_options(onnx_path: str | Path, options: EngineOptions) -> None:
     """Incompatible requests are errors, never silently changed."""
-    has_qdq = model_has_qdq(onnx_path)
+    zero_point_types = qdq_zero_point_types(onnx_path)
+    has_qdq = bool(zero_point_types)
+    if zero_point_types - {"INT8"}:
+        raise TensorRTError(
+            f"{onnx_path}: Q/DQ with {', '.join(sorted(zero_point_types - {'INT8'}))} zero points is the ONNX Runtime "
+            "CPU variant; TensorRT needs symmetric INT8 (build from the int8-tensorrt/ folder)"
+        )
     if options.int8 and not has_qdq:
         raise TensorRTError(
             f"{onnx_path}: --int8 needs a Q/DQ model from 'export-model --int8' (explicit quantization); "

@@ -107,11 +107,11 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[tuple[
     yield module, calls
 
 
-def _onnx(path: Path, qdq: bool) -> Path:
+def _onnx(path: Path, qdq: bool, zero_point: type[np.generic] = np.int8) -> Path:
     weight = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
     inits = [weight, numpy_helper.from_array(np.array(0.1, np.float32), "s")]
     if qdq:
-        inits.append(numpy_helper.from_array(np.array(0, np.int8), "z"))
+        inits.append(numpy_helper.from_array(np.array(0, zero_point), "z"))
         nodes = [
             helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
@@ -228,6 +228,12 @@ def test_incompatible_options_are_errors(
     with pytest.raises(TensorRTError, match=message):
         build_engine(_onnx(tmp_path / "m.onnx", qdq), options, gpu=ORIN)
     assert not any(c[0] == "Builder" for c in calls)
+
+
+def test_cpu_int8_variant_is_refused_for_tensorrt(tmp_path: Path, fake_trt: tuple[Any, list[tuple[Any, ...]]]) -> None:
+    model = _onnx(tmp_path / "cpu-int8.onnx", True, np.uint8)
+    with pytest.raises(TensorRTError, match="UINT8 zero points is the ONNX Runtime CPU variant"):
+        build_engine(model, EngineOptions(int8=True), gpu=ORIN)
 
 
 @pytest.mark.parametrize(("parse_ok", "message"), [(False, "cannot parse the model: In node 3"), (True, "failed to")])
