@@ -5,7 +5,9 @@ or part of a mass change that a shopper most likely caused). Low and empty need 
 occluder, which hides products and gaps alike, is held and never looks empty. A level different from the slot's
 state must be observed for ``dwell_s`` of frame time before it is confirmed; short contrary blips
 (``miss_tolerance_s``) do not restart the clock, held frames freeze it (partial evidence consistent with a
-running confirmation keeps it going, but never starts one). Events (stockout / low_stock / restocked) are
+running confirmation keeps it going, but never starts one; so does a clear level seen while a mass change
+settles). Only evidence against a slot's last level counts towards a mass change: a product box the detector
+missed in a full slot does not. Events (stockout / low_stock / restocked) are
 attached to confirmed transitions and never repeated for a slot that is already reported; ``snapshot`` and
 ``restore`` carry that across restarts. All timing comes from the frame timestamps passed to ``update``,
 never from the wall clock.
