@@ -9,7 +9,9 @@ running confirmation keeps it going, but never starts one; so does a clear level
 settles). Only evidence against a slot's last level counts towards a mass change: a product box the detector
 missed in a full slot does not. Events (stockout / low_stock / restocked) are
 attached to confirmed transitions and never repeated for a slot that is already reported; ``snapshot`` and
-``restore`` carry that across restarts. All timing comes from the frame timestamps passed to ``update``,
+``restore`` carry that across restarts. ``restocked`` closes a stock-out (the slot is full again after being
+reported empty); a low slot refilled without a stock-out returns to ok on the state topic without an alert.
+All timing comes from the frame timestamps passed to ``update``,
 never from the wall clock.
 """
 
@@ -148,6 +150,9 @@ class SlotStateMachine:
         self.shown = np.full(n, UNKNOWN, np.int8)  # published: the level, or OCCLUDED
         self.reported_empty = np.zeros(n, bool)
         self.reported_low = np.zeros(n, bool)
+        # A stock-out stays open until the slot is full again (through any partial refill): only that closes
+        # with 'restocked'. A low slot refilled without ever being empty changes state without an alert.
+        self.stockout_open = np.zeros(n, bool)
         self.empty_since = np.full(n, np.nan)
         # One run per (slot, level in _LEVELS): evidence time accumulated while the level keeps being observed.
         self._run_active = np.zeros((n, 3), bool)
@@ -382,6 +387,7 @@ class SlotStateMachine:
             if not self.reported_empty[i]:
                 event = "stockout"
             self.reported_empty[i] = True
+            self.stockout_open[i] = True
         elif to_state == LOW:
             if self._multi[i] and not self.reported_low[i]:
                 event = "low_stock"
@@ -389,9 +395,9 @@ class SlotStateMachine:
             self.reported_empty[i] = False
             self.empty_since[i] = np.nan
         else:  # OK
-            if self.reported_empty[i] or self.reported_low[i]:
+            if self.stockout_open[i]:
                 event = "restocked"
-            self.reported_empty[i] = self.reported_low[i] = False
+            self.reported_empty[i] = self.reported_low[i] = self.stockout_open[i] = False
             self.empty_since[i] = np.nan
         return SlotTransition(
             self.slot_ids[i],
@@ -411,11 +417,12 @@ class SlotStateMachine:
         """What must survive a restart so no alert is raised twice: plain JSON-able types only."""
         slots = {}
         for i, slot_id in enumerate(self.slot_ids):
-            if self.reported_empty[i] or self.reported_low[i]:
+            if self.reported_empty[i] or self.reported_low[i] or self.stockout_open[i]:
                 since = None if math.isnan(self.empty_since[i]) else float(self.empty_since[i])
                 slots[slot_id] = {
                     "reported_empty": bool(self.reported_empty[i]),
                     "reported_low": bool(self.reported_low[i]),
+                    "stockout_open": bool(self.stockout_open[i]),
                     "empty_since": since,
                 }
         return {"version": _SNAPSHOT_VERSION, "reported": slots}
@@ -427,7 +434,7 @@ class SlotStateMachine:
         reported = snapshot.get("reported", {})
         if not isinstance(reported, Mapping):
             raise ConfigError("slot state snapshot: 'reported' must be a mapping of slot id to flags")
-        parsed: list[tuple[int, bool, bool, float]] = []
+        parsed: list[tuple[int, bool, bool, bool, float]] = []
         for slot_id, flags in reported.items():
             i = self._index.get(slot_id)
             if i is None:
@@ -439,13 +446,15 @@ class SlotStateMachine:
                         i,
                         bool(flags["reported_empty"]),
                         bool(flags["reported_low"]),
+                        bool(flags.get("stockout_open", flags["reported_empty"])),
                         math.nan if since is None else float(since),
                     )
                 )
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise ConfigError(f"slot state snapshot: slot '{slot_id}': bad flags ({exc!r})") from None
         # Applied only once everything parsed: a bad snapshot leaves the machine untouched.
-        for i, reported_empty, reported_low, since in parsed:
+        for i, reported_empty, reported_low, stockout_open, since in parsed:
             self.reported_empty[i] = reported_empty
             self.reported_low[i] = reported_low
+            self.stockout_open[i] = stockout_open
             self.empty_since[i] = since

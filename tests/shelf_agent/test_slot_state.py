@@ -179,6 +179,20 @@ EVENT_CASES = [
         [("stockout", "R1S2", 0.0)],
     ),
     (
+        "a low slot refilled without a stock-out returns to ok without a restocked alert",
+        {"R1S3": 2},
+        [("R1S3", 20.0, 40.0, "low")],
+        80,
+        [("low_stock", "R1S3", 20.0)],
+    ),
+    (
+        "empty, partly refilled, then full: the stock-out is closed by one restocked",
+        {"R2S2": 2},
+        [("R2S2", 20.0, 40.0, "empty"), ("R2S2", 40.0, 60.0, "low")],
+        90,
+        [("stockout", "R2S2", 20.0), ("low_stock", "R2S2", 40.0), ("restocked", "R2S2", 60.0)],
+    ),
+    (
         "partly refilled after a stockout is low, not restocked",
         {"R2S2": 2},
         [("R2S2", 20.0, 99, "empty"), ("R2S2", 40.0, 99, "low")],
