@@ -48,7 +48,11 @@ def _histograms(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
     hue_sat = cv2.calcHist([hsv], [0, 1], None, [18, 8], [0, 180, 0, 256])
     bgr = cv2.calcHist([crop], [0, 1, 2], None, [6, 6, 6], [0, 256, 0, 256, 0, 256])
-    return cv2.normalize(hue_sat, None).ravel(), cv2.normalize(bgr, None).ravel()
+    return _unit(hue_sat.ravel()), _unit(bgr.ravel())
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    return (values / max(float(np.linalg.norm(values)), 1e-12)).astype(np.float32)
 
 
 def appearance(frame: np.ndarray, xyxy: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -149,14 +153,16 @@ def read_reference_frame(source: str, skip: int = 0) -> np.ndarray:
     from shelfsight.shelf_agent.sources import open_capture, parse_camera
 
     capture = open_capture(parse_camera(source))
+    frame: np.ndarray | None = None
     try:
         for _ in range(skip + 1):
-            ok, image = capture.read()
-            if not ok or image is None:
+            ok, frame = capture.read()
+            if not ok or frame is None:
                 raise ShelfSightError(f"{source}: no frame could be read for calibration")
     finally:
         capture.release()
-    return image
+    assert frame is not None
+    return frame
 
 
 def calibrate_main(argv: list[str]) -> int:
