@@ -28,51 +28,56 @@ class _Strict(BaseModel):
 
 
 class CameraConfig(_Strict):
-    source: str = Field("0", description="index, /dev/videoN, video file, rtsp://, http(s)://, csi://N or gst:PIPELINE")
+    source: str = Field(default="0",
+                        description="index, /dev/videoN, video file, rtsp://, http(s)://, csi://N or gst:PIPELINE")
     options: CameraOptions = Field(default_factory=CameraOptions)
     capture: CaptureOptions = Field(default_factory=CaptureOptions)
 
 
 class ModelConfig(_Strict):
-    manifest: Path | None = Field(None, description="manifest.json or its folder; None = the bundled demo model")
+    manifest: Path | None = Field(default=None,
+                                  description="manifest.json or its folder; None = the bundled demo model")
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    providers: list[str] | None = Field(None, description="ORT execution providers in order of preference")
-    threads: int | None = Field(None, ge=1, description="ORT intra-op threads")
-    conf_threshold: float = Field(0.35, gt=0, lt=1)
-    iou_threshold: float = Field(0.5, gt=0, le=1)
+    providers: list[str] | None = Field(default=None, description="ORT execution providers in order of preference")
+    threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads")
+    conf_threshold: float = Field(default=0.35, gt=0, lt=1)
+    iou_threshold: float = Field(default=0.5, gt=0, le=1)
 
 
 class OutboxConfig(_Strict):
-    path: Path = Field(Path("shelfsight-outbox.sqlite"), description="SQLite file; on a Jetson: the StateDirectory")
-    max_messages: int = Field(DEFAULT_MAX_MESSAGES, ge=1)
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    path: Path = Field(default=Path("shelfsight-outbox.sqlite"),
+                       description="SQLite file; on a Jetson: the StateDirectory")
+    max_messages: int = Field(default=DEFAULT_MAX_MESSAGES, ge=1)
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
 
 
 class PublishConfig(_Strict):
-    state_interval_s: float = Field(30.0, gt=0, description="the retained state is republished at least this often")
-    metrics_interval_s: float = Field(10.0, gt=0)
+    state_interval_s: float = Field(default=30.0, gt=0,
+                                    description="the retained state is republished at least this often")
+    metrics_interval_s: float = Field(default=10.0, gt=0)
     snapshots: bool = True
-    snapshot_max_bytes: int = Field(200_000, ge=10_000)
+    snapshot_max_bytes: int = Field(default=200_000, ge=10_000)
 
 
 class HttpConfig(_Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = Field(9108, ge=1, le=65535)
+    port: int = Field(default=9108, ge=1, le=65535)
 
 
 class AgentConfig(_Strict):
-    store_id: str = Field("demo-store", pattern=r"^[A-Za-z0-9_.-]+$")
-    camera_id: str = Field("cam-1", pattern=r"^[A-Za-z0-9_.-]+$")
+    store_id: str = Field(default="demo-store", pattern=r"^[A-Za-z0-9_.-]+$")
+    camera_id: str = Field(default="cam-1", pattern=r"^[A-Za-z0-9_.-]+$")
     camera: CameraConfig = Field(default_factory=CameraConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    layout: Path | None = Field(None, description="layout.yaml; None = planogram-free gap mode")
-    fps: float = Field(2.0, gt=0, le=120, description="inference rate cap (frames per second of source time)")
+    layout: Path | None = Field(default=None, description="layout.yaml; None = planogram-free gap mode")
+    fps: float = Field(default=2.0, gt=0, le=120, description="inference rate cap (frames per second of source time)")
     slots: SlotStateConfig = Field(default_factory=SlotStateConfig)
     gaps: GapTrackerConfig = Field(default_factory=GapTrackerConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    journal: Path = Field(Path("shelfsight-journal.sqlite"), description="local alert journal + persisted slot state")
+    journal: Path = Field(default=Path("shelfsight-journal.sqlite"),
+                          description="local alert journal + persisted slot state")
     publish: PublishConfig = Field(default_factory=PublishConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     log_format: Literal["text", "json"] = "text"

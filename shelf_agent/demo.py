@@ -78,13 +78,17 @@ class AlertPrinter:
         self._ready = threading.Event()
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=f"shelfsight-demo-viewer-{int(time.time())}")
-        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(f"shelfsight/{store_id}/#", qos=1),
-                                                         self._ready.set())
+        self._topic = f"shelfsight/{store_id}/#"
+        self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect(host, port)
         self.client.loop_start()
         if not self._ready.wait(10):
             raise ShelfSightError(f"cannot subscribe on the broker at {host}:{port}")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        client.subscribe(self._topic, qos=1)
+        self._ready.set()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         kind = message.topic.split("/")[3] if message.topic.count("/") >= 3 else ""

@@ -48,7 +48,7 @@ def annotate_video(detector: Detector, source: Path, out: Path | None, max_frame
                 if writer is None:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     h, w = frame.shape[:2]
-                    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                    writer = cv2.VideoWriter(str(out), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
                     if not writer.isOpened():
                         raise ShelfSightError(f"{out}: cannot write video")
                 writer.write(draw_detections(frame, detections, detector.manifest.classes))
