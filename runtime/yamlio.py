@@ -40,36 +40,30 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def parse_yaml_text(text: str, model: type[ModelT], source: str) -> ModelT:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    data, root = compose_yaml(text, source)
     if data is None:
         data = {}
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = tuple(first["loc"])
-        node = _node_at(root, loc)
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}{line}: field '{_field_name(loc)}': {first['msg']}{more}") from None
+        raise config_error_at(source, root, tuple(first["loc"]), f"{first['msg']}{more}") from None
+
+
+def read_text_file(path: Path, what: str = "") -> str:
+    """A UTF-8 text file, or a one-line ConfigError ("file: cannot read scenario: ...") naming what it should be."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read{' ' + what if what else ''}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
 
 
 def load_yaml_model(path: str | Path, model: type[ModelT]) -> ModelT:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return parse_yaml_text(text, model, str(path))
+    return parse_yaml_text(read_text_file(path), model, str(path))
 
 
 def dump_yaml_model(obj: BaseModel, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shelfsight.runtime.errors import ConfigError
-from shelfsight.runtime.yamlio import parse_yaml_text
+from shelfsight.runtime.yamlio import parse_yaml_text, read_text_file
 from shelfsight.shelf_agent.capture import CaptureOptions
 from shelfsight.shelf_agent.gap_tracker import GapTrackerConfig
 from shelfsight.shelf_agent.mqtt_client import MqttConfig
@@ -139,10 +139,7 @@ def load_agent_config(
     base: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read agent config: {exc.strerror or exc}") from None
+        text = read_text_file(path, "agent config")
         base = parse_yaml_text(text, AgentConfig, str(path)).model_dump(exclude_unset=True, mode="python")
     merged = deep_merge(deep_merge(base, env_overrides(environ)), overrides or {})
     try:

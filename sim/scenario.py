@@ -12,8 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from shelfsight.runtime.errors import ConfigError
-from shelfsight.runtime.yamlio import compose_yaml, config_error_at
+from shelfsight.runtime.yamlio import compose_yaml, config_error_at, read_text_file
 
 SLOT_ID = re.compile(r"^R([1-9]\d*)S([1-9]\d*)$")
 EVENT_TYPES = ("deplete", "occlude", "restock", "lighting", "take")
@@ -216,10 +215,4 @@ def parse_scenario_text(text: str, source: str) -> Scenario:
 
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read scenario: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return parse_scenario_text(text, str(path))
+    return parse_scenario_text(read_text_file(path, "scenario"), str(path))
