@@ -7,12 +7,31 @@ so training, validation, calibration and the device all see one preprocessing.
 A batch is a dict: ``images`` [B,3,H,W] float32, ``boxes`` [B,M,4] xyxy input pixels (zero padded), ``labels`` [B,M]
 long, ``box_mask`` [B,M] bool, ``class_mask`` [B,nc] float (1 = the image is labelled for that class; all ones
 unless a dataset says otherwise), ``paths`` list[str].
+
+Mixed datasets. Any split may list, besides plain folders / ``.txt`` lists, *source entries* that carry their own
+class ids and say which classes their images are labelled for::
+
+    names: {0: product, 1: gap}
+    train:
+      - {path: /data/real/train.txt, names: {0: gap}, classes_present: [gap], repeat: 5}
+      - images/train                     # a plain source: the dataset's own ids, every class labelled
+
+- ``names``: the source's own ``id -> name`` table; each id is remapped by name to the dataset's id (real
+  ``0 = gap`` becomes dataset ``1 = gap``). Omitted: the label files already use the dataset's ids.
+- ``classes_present``: the classes these images are labelled for (default: the source's ``names``, or every
+  class). The others get ``class_mask`` 0, so the loss never teaches "no product here" from photos whose
+  products were simply not labelled.
+- ``repeat``: the source's images appear this many times per epoch (training only; each copy is augmented
+  differently), to balance a small real set against a large synthetic one.
+
+Label lines are ``class cx cy w h`` or a polygon ``class x1 y1 x2 y2 x3 y3 ...`` (Roboflow / Ultralytics
+segmentation export), which is reduced to its bounding box.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +51,87 @@ MIN_BOX_PX = 2.0  # boxes thinner than this after augmentation carry no learnabl
 MIN_VISIBLE_FRACTION = 0.3  # a box cut by the image border below this fraction of its area is dropped
 
 
+def _check_dense_ids(names: dict[int, str] | list[str]) -> dict[int, str] | list[str]:
+    if isinstance(names, dict) and sorted(names) != list(range(len(names))):
+        raise ValueError(f"class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}")
+    listed = list(names.values()) if isinstance(names, dict) else names
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"class names must be unique, got {listed}")
+    return names
+
+
+def _names_in_order(names: dict[int, str] | list[str]) -> list[str]:
+    return [names[i] for i in range(len(names))] if isinstance(names, dict) else list(names)
+
+
+class DataSource(BaseModel):
+    """One image source of a split with its own class ids, labelled classes and weight (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    names: dict[int, str] | list[str] | None = Field(None, min_length=1)
+    classes_present: list[str] | None = Field(None, min_length=1)
+    repeat: int = Field(1, ge=1, le=1000)
+
+    @field_validator("names")
+    @classmethod
+    def _dense_ids(cls, names: dict[int, str] | list[str] | None) -> dict[int, str] | list[str] | None:
+        return None if names is None else _check_dense_ids(names)
+
+
+def _as_source_list(value: Any) -> Any:
+    """``images/train``, ``[a, b]`` and ``[{path: ..}, b]`` all become a list of source entries, so a bad entry is
+    reported by its own field (``train.0.weight``) instead of as a failed alternative of a union."""
+    if value is None:
+        return None
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list):
+        return value
+    return [{"path": entry} if isinstance(entry, str) else entry for entry in entries]
+
+
 class DataYaml(BaseModel):
     """The usual YOLO ``data.yaml``. Unknown keys are ignored: exporters (Roboflow, CVAT) add their own."""
 
     model_config = ConfigDict(extra="ignore")
 
     path: str | None = None
-    train: str | list[str]
-    val: str | list[str]
-    test: str | list[str] | None = None
+    train: list[DataSource] = Field(min_length=1)
+    val: list[DataSource] = Field(min_length=1)
+    test: list[DataSource] | None = None
     names: dict[int, str] | list[str] = Field(min_length=1)
     nc: int | None = None
+
+    _sources = field_validator("train", "val", "test", mode="before")(_as_source_list)
 
     @field_validator("names")
     @classmethod
     def _dense_ids(cls, names: dict[int, str] | list[str]) -> dict[int, str] | list[str]:
-        if isinstance(names, dict) and sorted(names) != list(range(len(names))):
-            raise ValueError(f"class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}")
-        return names
+        return _check_dense_ids(names)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source with an absolute path; ``class_map[source id] = dataset id`` (None: ids are already the dataset's)."""
+
+    path: Path
+    class_map: tuple[int, ...] | None
+    class_mask: tuple[float, ...]
+    repeat: int = 1
+
+    @property
+    def is_plain(self) -> bool:
+        return self.class_map is None and all(self.class_mask) and self.repeat == 1
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One image with its labels in dataset class ids (``class cx cy w h`` rows) and its per-class mask."""
+
+    path: Path
+    labels: np.ndarray
+    class_mask: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -60,48 +142,102 @@ class DataSpec:
     root: Path
     splits: dict[str, list[Path]]
     names: list[str]
+    sources: dict[str, list[ResolvedSource]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
 
+    def split_sources(self, split: str) -> list[ResolvedSource]:
+        if split not in self.splits:
+            raise ShelfSightError(f"{self.yaml_path}: no '{split}' split (has {', '.join(self.splits)})")
+        plain = [ResolvedSource(p, None, (1.0,) * self.num_classes) for p in self.splits[split]]
+        return self.sources.get(split, plain)
+
+    def is_plain(self, split: str) -> bool:
+        """True when every source of the split uses the dataset's ids, labels every class and is not repeated."""
+        return all(source.is_plain for source in self.split_sources(split))
+
+
+def _resolve_source(entry: DataSource, names: list[str], root: Path, where: str) -> ResolvedSource:
+    path = Path(entry.path)
+    path = path if path.is_absolute() else root / path
+    class_map: tuple[int, ...] | None = None
+    labelled = list(names)
+    if entry.names is not None:
+        labelled = _names_in_order(entry.names)
+        unknown = [name for name in labelled if name not in names]
+        if unknown:
+            raise ShelfSightError(f"{where}: source names {unknown} are not dataset classes {names}")
+        class_map = tuple(names.index(name) for name in labelled)
+    present = labelled if entry.classes_present is None else entry.classes_present
+    unknown = [name for name in present if name not in names]
+    if unknown:
+        raise ShelfSightError(f"{where}: classes_present {unknown} are not dataset classes {names}")
+    unlabelled = [name for name in labelled if name not in present]
+    if unlabelled:
+        raise ShelfSightError(f"{where}: the source labels {unlabelled} but classes_present leaves them out")
+    mask = tuple(1.0 if name in present else 0.0 for name in names)
+    return ResolvedSource(path=path, class_map=class_map, class_mask=mask, repeat=entry.repeat)
+
 
 def load_data_yaml(path: str | Path) -> DataSpec:
     path = Path(path)
     raw = load_yaml_model(path, DataYaml)
-    names = [raw.names[i] for i in range(len(raw.names))] if isinstance(raw.names, dict) else list(raw.names)
+    names = _names_in_order(raw.names)
     if raw.nc is not None and raw.nc != len(names):
         raise ShelfSightError(f"{path}: nc={raw.nc} but {len(names)} names are listed")
     root = Path(raw.path) if raw.path else Path(".")
     if not root.is_absolute():
         root = (path.parent / root).resolve()
     splits: dict[str, list[Path]] = {}
+    sources: dict[str, list[ResolvedSource]] = {}
     for split in ("train", "val", "test"):
         value = getattr(raw, split)
         if value is None:
             continue
-        entries = [value] if isinstance(value, str) else value
-        splits[split] = [p if p.is_absolute() else root / p for p in map(Path, entries)]
-    return DataSpec(yaml_path=path, root=root, splits=splits, names=names)
+        resolved = [_resolve_source(entry, names, root, f"{path}: {split}[{i}]") for i, entry in enumerate(value)]
+        sources[split] = resolved
+        splits[split] = [source.path for source in resolved]
+    return DataSpec(yaml_path=path, root=root, splits=splits, names=names, sources=sources)
+
+
+def _source_images(spec: DataSpec, split: str, source: Path) -> list[Path]:
+    """A folder (searched recursively, sorted) or a .txt list of image paths (relative to the dataset root)."""
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if source.suffix == ".txt" and source.is_file():
+        listed = [Path(line.strip()) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [p if p.is_absolute() else spec.root / p for p in listed]
+    raise ShelfSightError(f"{spec.yaml_path}: {split} source {source} is neither a folder nor a .txt list")
 
 
 def image_files(spec: DataSpec, split: str) -> list[Path]:
-    """Images of a split, sorted: each source is a folder (searched recursively) or a .txt list of image paths."""
-    if split not in spec.splits:
-        raise ShelfSightError(f"{spec.yaml_path}: no '{split}' split (has {', '.join(spec.splits)})")
-    files: list[Path] = []
-    for source in spec.splits[split]:
-        if source.is_dir():
-            files.extend(sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif source.suffix == ".txt" and source.is_file():
-            listed = [Path(line.strip()) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-            files.extend(p if p.is_absolute() else spec.root / p for p in listed)
-        else:
-            raise ShelfSightError(f"{spec.yaml_path}: {split} source {source} is neither a folder nor a .txt list")
+    """Images of a split, each once (``repeat`` is for training only), in source order."""
+    files = [image for source in spec.split_sources(split) for image in _source_images(spec, split, source.path)]
     if not files:
         sources = ", ".join(map(str, spec.splits[split]))
         raise ShelfSightError(f"{spec.yaml_path}: the '{split}' split has no images ({sources})")
     return files
+
+
+def labelled_images(spec: DataSpec, split: str, repeat: bool = False) -> list[LabelledImage]:
+    """Images of a split with labels in dataset ids and class masks; ``repeat`` lists each source ``repeat`` times.
+
+    Labels are read once per image even when repeated (the copies share the arrays).
+    """
+    items: list[LabelledImage] = []
+    for source in spec.split_sources(split):
+        mask = np.asarray(source.class_mask, np.float32)
+        once = [
+            LabelledImage(path, read_labels(label_path_for(path), spec.num_classes, source.class_map), mask)
+            for path in _source_images(spec, split, source.path)
+        ]
+        items.extend(once * (source.repeat if repeat else 1))
+    if not items:
+        sources = ", ".join(map(str, spec.splits[split]))
+        raise ShelfSightError(f"{spec.yaml_path}: the '{split}' split has no images ({sources})")
+    return items
 
 
 def label_path_for(image: Path) -> Path:
@@ -114,22 +250,42 @@ def label_path_for(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def read_labels(path: Path, num_classes: int) -> np.ndarray:
-    """-> (n, 5) float32 rows ``class cx cy w h`` (normalized); a missing file is an image without objects."""
+def _label_row(fields: list[str], path: Path, number: int) -> list[float]:
+    """One label line -> ``[class, cx, cy, w, h]``; a polygon line is reduced to its bounding box (clipped to 0..1)."""
+    try:
+        values = [float(v) for v in fields]
+    except ValueError:
+        raise ShelfSightError(f"{path}:{number}: label values must be numbers") from None
+    if len(values) == 5:
+        return values
+    if len(values) >= 7 and len(values) % 2 == 1:
+        xy = np.clip(np.asarray(values[1:], np.float64).reshape(-1, 2), 0.0, 1.0)
+        (x1, y1), (x2, y2) = xy.min(axis=0), xy.max(axis=0)
+        return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+    raise ShelfSightError(
+        f"{path}:{number}: expected 'class cx cy w h', got {len(values)} fields "
+        "(a polygon line is 'class x1 y1 x2 y2 x3 y3 ...' with at least 3 points)"
+    )
+
+
+def read_labels(path: Path, num_classes: int, class_map: Sequence[int] | None = None) -> np.ndarray:
+    """-> (n, 5) float32 rows ``class cx cy w h`` (normalized); a missing file is an image without objects.
+
+    ``class_map[source id] = dataset id`` remaps a source's ids (``num_classes`` then bounds the source's ids by
+    ``len(class_map)``). Polygon lines become their bounding boxes.
+    """
     if not path.is_file():
         return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
-    rows = [r for r in rows if r]
-    for number, row in enumerate(rows, start=1):
-        if len(row) != 5:
-            raise ShelfSightError(f"{path}:{number}: expected 'class cx cy w h', got {len(row)} fields")
-    try:
-        table = np.array(rows, dtype=np.float32).reshape(-1, 5)
-    except ValueError:
-        raise ShelfSightError(f"{path}: label values must be numbers") from None
-    bad = np.flatnonzero((table[:, 0] < 0) | (table[:, 0] >= num_classes) | (table[:, 0] != np.round(table[:, 0])))
+    lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
+    rows = [_label_row(fields, path, number) for number, fields in enumerate(lines, start=1) if fields]
+    numbers = np.array([number for number, fields in enumerate(lines, start=1) if fields], np.int64)
+    table = np.array(rows, dtype=np.float32).reshape(-1, 5)
+    bound = len(class_map) if class_map is not None else num_classes
+    bad = np.flatnonzero((table[:, 0] < 0) | (table[:, 0] >= bound) | (table[:, 0] != np.round(table[:, 0])))
     if len(bad):
-        raise ShelfSightError(f"{path}:{bad[0] + 1}: class id {table[bad[0], 0]:g} outside 0..{num_classes - 1}")
+        raise ShelfSightError(f"{path}:{numbers[bad[0]]}: class id {table[bad[0], 0]:g} outside 0..{bound - 1}")
+    if class_map is not None and len(table):
+        table[:, 0] = np.asarray(class_map, np.float32)[table[:, 0].astype(np.int64)]
     return table
 
 
@@ -231,10 +387,12 @@ class YoloDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0  # set by the trainer before each epoch; with the seed it fixes every random choice
-        files = image_files(spec, split)
-        self.images = files[:limit] if limit is not None else files
-        self.labels = [read_labels(label_path_for(p), spec.num_classes) for p in self.images]
-        self.class_masks = torch.ones(len(self.images), spec.num_classes)
+        # Sources are repeated for training only: validation scores each image once.
+        items = labelled_images(spec, split, repeat=augment is not None)
+        items = items[:limit] if limit is not None else items
+        self.images = [item.path for item in items]
+        self.labels = [item.labels for item in items]
+        self.class_masks = torch.from_numpy(np.stack([item.class_mask for item in items]))
 
     def __len__(self) -> int:
         return len(self.images)
