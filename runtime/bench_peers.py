@@ -24,9 +24,10 @@ PEER_STAGES = ("preprocess", "infer", "postprocess")
 Infer = Callable[[np.ndarray], np.ndarray]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    # OpenCV puts the useful part (the failing node) on the second line of its message.
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
 
 
 def user_blob(frame: np.ndarray, size: tuple[int, int], swap_rb: bool, scale: float) -> tuple[np.ndarray, float, int,
@@ -101,7 +102,7 @@ def run_peer(
     try:
         infer = opencv_dnn_infer(variant) if peer == "opencv-dnn" else plain_ort_infer(variant, threads)
     except Exception as exc:  # cv2.error / ORT pybind errors: the peer failing is a result worth recording
-        return {"status": "failed to load", "reason": _first_line(exc)}
+        return {"status": "failed to load", "reason": _one_line(exc)}
     spec = variant.manifest.input
     size, swap, scale = (spec.width, spec.height), spec.channel_order == "RGB", spec.pixel_scale
     try:
@@ -122,7 +123,7 @@ def run_peer(
                 per_stage["infer"].append(t2 - t1)
                 per_stage["postprocess"].append(t3 - t2)
     except Exception as exc:  # e.g. OpenCV DNN loads a Q/DQ graph but cannot run a layer of it
-        return {"status": "failed to run", "reason": _first_line(exc)}
+        return {"status": "failed to run", "reason": _one_line(exc)}
     process = np.sum([np.asarray(v, np.int64) for v in per_stage.values()], axis=0)
     end_to_end = process + np.asarray(capture_ns[: len(process)], np.int64)
     return {
