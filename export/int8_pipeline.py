@@ -371,6 +371,7 @@ class ExportSource:
     path: Path
     sha256: str
     imgsz: int
+    classes: list[str]
     checkpoint: Path | None
     manifest: Path | None
 
@@ -386,11 +387,12 @@ class ExportSource:
                 raise ShelfSightError(f"{path}: --prune needs a PyTorch checkpoint, not an exported model folder")
             if options.imgsz is not None and options.imgsz != manifest.input.height:
                 raise ShelfSightError(f"{path}: --imgsz cannot change the input size of an exported model")
-            return cls(path, sha256_file(model_file), manifest.input.height, None, manifest_path)
+            return cls(path, sha256_file(model_file), manifest.input.height, manifest.classes, None, manifest_path)
         from shelfsight.export.model import read_checkpoint
 
         header = read_checkpoint(path)  # refuses non-checkpoints and unsafe pickles before any work
-        return cls(path, sha256_file(path), options.imgsz or int(header["imgsz"]), path, None)
+        imgsz = options.imgsz or int(header["imgsz"])
+        return cls(path, sha256_file(path), imgsz, [str(n) for n in header["class_names"]], path, None)
 
 
 def copy_model_step(manifest_path: Path, out_dir: Path) -> Path:
@@ -398,7 +400,9 @@ def copy_model_step(manifest_path: Path, out_dir: Path) -> Path:
     manifest = load_manifest(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     for artifact in manifest.artifacts:
-        shutil.copyfile(resolve_artifact(manifest_path, artifact), out_dir / artifact.path)
+        target = out_dir / artifact.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(resolve_artifact(manifest_path, artifact), target)
     return write_manifest(manifest, out_dir)
 
 
@@ -527,8 +531,15 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     ``source_path`` is a checkpoint (.pt) or an exported FP32 model folder / manifest (e.g. a third-party ONNX
     model with a hand-written manifest; pruning then is not available).
     """
+    from shelfsight.export.data import load_data_yaml
+
     out = Path(out)
     source = ExportSource.open(Path(source_path), options)
+    # Every input is checked before any work, so a bad one costs seconds, not a whole export.
+    for data, role in ((options.val_data, "validation"), (options.train_data, "fine-tuning")):
+        names = load_data_yaml(data).names if data is not None else source.classes
+        if names != source.classes:
+            raise ShelfSightError(f"{data}: {role} classes {names} do not match the model's {source.classes}")
     check_output_folder(out, source.sha256, options.force)
     images = calibration_set_step(
         CalibrationStepOptions(options.calib_data, options.calib_images, options.calib_seed, options.calib_split)

@@ -6,6 +6,7 @@ and the COCO evaluator. The accuracy gate is exercised for real by a deliberatel
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -168,6 +169,27 @@ def test_accuracy_gate_rejects_a_broken_calibration(
     assert variants["int8"]["passed"] is False and variants["int8"]["map50_drop_vs_fp32"] > 0
     assert variants["int8"]["folder"] == f"{REJECTED_DIR}/int8"
     assert load_manifest(out / "fp32").artifact().sha256 == load_manifest(fp32_folder).artifact().sha256
+
+
+def test_bad_inputs_fail_before_any_work(trained_run: Any, tiny_data: Path, tmp_path: Path) -> None:
+    other_classes = tmp_path / "other.yaml"
+    other_classes.write_text(tiny_data.read_text().replace("gap", "hole"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pickle_ckpt = tmp_path / "pickled.pt"
+    torch.save({"format": "shelfsight.checkpoint/1", "model": argparse.Namespace(x=1)}, pickle_ckpt)
+    cases: list[tuple[Path, dict[str, object], str]] = [
+        (trained_run.best, {"val_data": other_classes}, "validation classes .* do not match"),
+        (trained_run.best, {"calib_data": empty}, "no images found"),
+        (trained_run.best, {"calib_data": tmp_path / "missing"}, "does not exist"),
+        (pickle_ckpt, {}, "refusing to load|not a readable"),
+    ]
+    for source, changes, message in cases:
+        values: dict[str, object] = {"calib_data": tiny_data, "val_data": tiny_data, "calib_images": 2} | changes
+        with pytest.raises(ShelfSightError, match=message) as info:
+            run_int8_export(source, tmp_path / "out", Int8ExportOptions(**values))  # type: ignore[arg-type]
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_model_folder_source_refuses_pruning_and_resizing(exported: tuple[Path, Path, Path], tiny_data: Path) -> None:
