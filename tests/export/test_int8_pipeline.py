@@ -187,7 +187,7 @@ def test_bad_inputs_fail_before_any_work(trained_run: Any, tiny_data: Path, tmp_
     for source, changes, message in cases:
         values: dict[str, object] = {"calib_data": tiny_data, "val_data": tiny_data, "calib_images": 2} | changes
         with pytest.raises(ShelfSightError, match=message) as info:
-            run_int8_export(source, tmp_path / "out", Int8ExportOptions(**values))  # type: ignore[arg-type]
+            run_int8_export(source, tmp_path / "out", Int8ExportOptions(**values))
         assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
