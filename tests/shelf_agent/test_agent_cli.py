@@ -3,13 +3,11 @@ credentials kept out of the logs. Real mosquitto, real subscriber, the bundled m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from itertools import pairwise
@@ -19,7 +17,6 @@ from typing import Any
 import pytest
 
 from shelfsight.shelf_agent.agent import bundled_model_dir
-from shelfsight.shelf_agent.evaluate import rendered_scenario
 from shelfsight.shelf_agent.events import ModelInfo, build_alert, validate_payload
 from shelfsight.shelf_agent.journal import Journal
 from shelfsight.shelf_agent.layout import load_layout
@@ -27,19 +24,8 @@ from shelfsight.shelf_agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(150)
 
-SCENARIO = """\
-name: agent-small
-seed: 5
-duration_s: 20
-fps: 10
-camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
-shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
-events:
-  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
-  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
-  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
-"""
-# The same shelf (same seed) as it looks after the first scenario: both depleted slots empty from the start.
+# The same shelf (same seed) as the conftest's small scenario looks after it ran: both depleted slots empty from
+# the start.
 AFTERWARDS = """\
 name: agent-small-afterwards
 seed: 5
@@ -55,31 +41,14 @@ ROOT = "shelfsight/demo-store/cam-1"
 SECRET = "Pw-9f8e7d6c5b4a"
 
 
-def render(tmp_path_factory: pytest.TempPathFactory, text: str) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    source = base / "scenario-sources" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    source.parent.mkdir(exist_ok=True)
-    source.write_text(text, encoding="utf-8")
-    return rendered_scenario(source, base / "scenarios")
-
-
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return render(tmp_path_factory, SCENARIO)
-
-
-def shelf_agent() -> list[str]:
-    script = Path(sys.executable).parent / "shelf-agent"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shelfsight.shelf_agent.cli"]
-
-
 class AgentProcess:
     """One `shelf-agent` process; stderr goes to a file so a failing test can show it."""
 
-    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent"):
+    def __init__(self, command: list[str], tmp_path: Path, args: list[str], env: dict[str, str] | None = None,
+                 name: str = "agent"):
         self.log_path = tmp_path / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([*shelf_agent(), *args], stdout=subprocess.DEVNULL, stderr=self._log,
+        self.proc = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=self._log,
                                      env={**os.environ, **(env or {})})
 
     def log(self) -> str:
@@ -103,12 +72,12 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agents() -> Any:
+def agents(shelf_agent_command: list[str]) -> Any:
     started: list[AgentProcess] = []
 
     def start(tmp_path: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent"
               ) -> AgentProcess:
-        process = AgentProcess(tmp_path, args, env, name)
+        process = AgentProcess(shelf_agent_command, tmp_path, args, env, name)
         started.append(process)
         return process
 
@@ -160,15 +129,15 @@ def status_is(state: str, reason: str) -> Callable[[list[Any]], bool]:
 # ------------------------------------------------------------------------------------------------ 3. kill -9
 
 def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothing_twice(
-        scenario: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, mosquitto_broker: Any,
-        mqtt_subscriber: Any, agents: Any) -> None:
-    afterwards = render(tmp_path_factory, AFTERWARDS)
-    assert load_layout(afterwards / "layout.yaml").slots == load_layout(scenario / "layout.yaml").slots
+        small_scenario: Path, render_scenario: Callable[[str], Path], shelf_agent_command: list[str], tmp_path: Path,
+        mosquitto_broker: Any, mqtt_subscriber: Any, agents: Any) -> None:
+    afterwards = render_scenario(AFTERWARDS)
+    assert load_layout(afterwards / "layout.yaml").slots == load_layout(small_scenario / "layout.yaml").slots
     broker = mosquitto_broker()
     broker.stop()
     outbox, journal = tmp_path / "outbox.sqlite", tmp_path / "journal.sqlite"
 
-    first = agents(tmp_path, run_args(scenario, tmp_path, broker), name="first")
+    first = agents(tmp_path, run_args(small_scenario, tmp_path, broker), name="first")
     stored_alert = "SELECT 1 FROM messages WHERE kind = 'alert'"
     wait_until(lambda: bool(query(outbox, stored_alert)) or first.proc.poll() is not None, 90, "an alert in the outbox")
     assert first.proc.poll() is None, f"agent ended before the kill:\n{first.log()[-2000:]}"
@@ -203,7 +172,7 @@ def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothi
         assert box.depth() == 0
 
     # The operator's view of the same history: `shelf-agent alerts` lists every alert of both runs.
-    listing = subprocess.run([*shelf_agent(), "alerts", "--since", "1h", "--journal", str(journal)],
+    listing = subprocess.run([*shelf_agent_command, "alerts", "--since", "1h", "--journal", str(journal)],
                              capture_output=True, text=True, timeout=30)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
@@ -217,11 +186,11 @@ def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothi
 LOOP = {"SHELFSIGHT__CAMERA__CAPTURE__LOOP": "true"}  # a live-like source that never ends
 
 
-def test_sigkill_leaves_the_will_offline_connection_lost(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
+def test_sigkill_leaves_the_will_offline_connection_lost(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any,
                                                          mqtt_subscriber: Any, agents: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/status")
-    agent = agents(tmp_path, run_args(scenario, tmp_path, broker, realtime=True), env=LOOP)
+    agent = agents(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
     assert sub.wait_for(status_is("online", "connected"), 60), agent.log()[-3000:]
     agent.proc.send_signal(signal.SIGKILL)
     assert agent.wait(10) == -signal.SIGKILL
@@ -233,11 +202,11 @@ def test_sigkill_leaves_the_will_offline_connection_lost(scenario: Path, tmp_pat
     assert late.messages[0].retain and late.messages[0].json()["reason"] == "connection_lost"
 
 
-def test_sigterm_stops_cleanly(scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any,
+def test_sigterm_stops_cleanly(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any,
                                agents: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
-    agent = agents(tmp_path, run_args(scenario, tmp_path, broker, realtime=True), env=LOOP)
+    agent = agents(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
     assert sub.wait_for(lambda ms: status_is("online", "connected")(ms) and any(m.topic == f"{ROOT}/state"
                                                                                  for m in ms), 60), agent.log()[-3000:]
     agent.proc.send_signal(signal.SIGTERM)
@@ -288,9 +257,10 @@ def bad_input_args(case: str, scenario: Path, tmp_path: Path) -> tuple[list[str]
 
 @pytest.mark.parametrize("case", ["unknown-config-key", "missing-layout", "missing-camera-file",
                                   "unreadable-camera-file", "corrupt-model"])
-def test_bad_input_is_one_line_and_exit_2(case: str, scenario: Path, tmp_path: Path) -> None:
-    args, expected = bad_input_args(case, scenario, tmp_path)
-    result = subprocess.run([*shelf_agent(), *args], capture_output=True, text=True, timeout=60)
+def test_bad_input_is_one_line_and_exit_2(case: str, small_scenario: Path, tmp_path: Path,
+                                          shelf_agent_command: list[str]) -> None:
+    args, expected = bad_input_args(case, small_scenario, tmp_path)
+    result = subprocess.run([*shelf_agent_command, *args], capture_output=True, text=True, timeout=60)
     errors = [line for line in result.stderr.splitlines() if line.startswith("shelf-agent")]
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -301,14 +271,14 @@ def test_bad_input_is_one_line_and_exit_2(case: str, scenario: Path, tmp_path: P
 
 # ------------------------------------------------------------------------------------------------ 9. credentials
 
-def test_password_from_environment_is_used_and_never_logged(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
-                                                            mqtt_password_file: Any, mqtt_subscriber: Any,
-                                                            agents: Any) -> None:
+def test_password_from_environment_is_used_and_never_logged(small_scenario: Path, tmp_path: Path,
+                                                            mosquitto_broker: Any, mqtt_password_file: Any,
+                                                            mqtt_subscriber: Any, agents: Any) -> None:
     passwords = mqtt_password_file({"agent": SECRET, "viewer": "viewer-pw"})
     broker = mosquitto_broker([f"password_file {passwords}", "allow_anonymous false"])
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#", username="viewer", password="viewer-pw")
     env = {"SHELFSIGHT__MQTT__USERNAME": "agent"}
-    args = run_args(scenario, tmp_path, broker, "--log-level", "DEBUG", "--log-format", "json")
+    args = run_args(small_scenario, tmp_path, broker, "--log-level", "DEBUG", "--log-format", "json")
 
     wrong = agents(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET[::-1]}, name="wrong")
     assert wrong.wait(90) == 0
@@ -348,10 +318,10 @@ def journal_with_history(path: Path) -> list[dict[str, Any]]:
     return alerts
 
 
-def test_alerts_lists_the_journal(tmp_path: Path) -> None:
+def test_alerts_lists_the_journal(tmp_path: Path, shelf_agent_command: list[str]) -> None:
     path = tmp_path / "journal.sqlite"
     alerts = journal_with_history(path)
-    result = subprocess.run([*shelf_agent(), "alerts", "--since", "1h", "--journal", str(path)],
+    result = subprocess.run([*shelf_agent_command, "alerts", "--since", "1h", "--journal", str(path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -360,8 +330,8 @@ def test_alerts_lists_the_journal(tmp_path: Path) -> None:
     assert "#3" in lines[1] and "restocked" in lines[1] and "sku=Tea" in lines[1]
     assert alerts[1]["raised_time"] in lines[0] and alerts[1]["event_time"] in lines[0]
 
-    everything = subprocess.run([*shelf_agent(), "alerts", "--journal", str(path), "--json", "--type", "stockout"],
-                                capture_output=True, text=True, timeout=30)
+    everything = subprocess.run([*shelf_agent_command, "alerts", "--journal", str(path), "--json", "--type",
+                                 "stockout"], capture_output=True, text=True, timeout=30)
     assert [json.loads(line) for line in everything.stdout.splitlines()] == alerts[:2]
 
 
@@ -372,7 +342,7 @@ def test_alerts_lists_the_journal(tmp_path: Path) -> None:
         (["--since", "yesterday"], "not a duration"),
     ],
 )
-def test_alerts_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
-    result = subprocess.run([*shelf_agent(), "alerts", *[a.format(tmp=tmp_path) for a in args]],
+def test_alerts_bad_arguments(tmp_path: Path, args: list[str], message: str, shelf_agent_command: list[str]) -> None:
+    result = subprocess.run([*shelf_agent_command, "alerts", *[a.format(tmp=tmp_path) for a in args]],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -6,7 +6,6 @@ Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 import time
@@ -21,41 +20,16 @@ import pytest
 
 from shelfsight.shelf_agent.agent import Agent, RunSummary
 from shelfsight.shelf_agent.config import AgentConfig, deep_merge, load_agent_config
-from shelfsight.shelf_agent.evaluate import rendered_scenario
 from shelfsight.shelf_agent.events import validate_payload
 from shelfsight.shelf_agent.layout import load_layout
 from shelfsight.shelf_agent.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(120)
 
-SCENARIO = """\
-name: agent-small
-seed: 5
-duration_s: 20
-fps: 10
-camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
-shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
-events:
-  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
-  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
-  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
-"""
+# The small scenario (conftest): these slots empty, R2S3 for good.
 DEPLETED = {"R1S2", "R2S3"}
 STAYS_EMPTY = "R2S3"
 ROOT = "shelfsight/demo-store/cam-1"
-
-
-def render(tmp_path_factory: pytest.TempPathFactory, text: str = SCENARIO) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    source = base / "scenario-sources" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    source.parent.mkdir(exist_ok=True)
-    source.write_text(text, encoding="utf-8")
-    return rendered_scenario(source, base / "scenarios")
-
-
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return render(tmp_path_factory)
 
 
 def agent_config(tmp_path: Path, scenario: Path, broker: Any, *, layout: bool = True, loop: bool = False,
@@ -123,11 +97,11 @@ def stockout_slots(alerts: list[dict[str, Any]]) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ 1. end to end
 
-def test_end_to_end_alerts_state_status_metrics_snapshots(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
+def test_end_to_end_alerts_state_status_metrics_snapshots(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any,
                                                           mqtt_subscriber: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, "shelfsight/#")
-    summary = Agent(agent_config(tmp_path, scenario, broker)).run()
+    summary = Agent(agent_config(tmp_path, small_scenario, broker)).run()
     assert sub.wait_for(is_status(sub, "offline", "clean_stop"), 15), "no clean_stop status"
     assert summary.frames_processed == 100 and summary.bad_frames == 0
 
@@ -160,7 +134,7 @@ def test_end_to_end_alerts_state_status_metrics_snapshots(scenario: Path, tmp_pa
     for doc in states:
         validate_payload(doc)
     final = {s["slot_id"]: s["state"] for s in states[-1]["slots"]}
-    assert set(final) == {s.id for s in load_layout(scenario / "layout.yaml").slots}
+    assert set(final) == {s.id for s in load_layout(small_scenario / "layout.yaml").slots}
     reported_empty = stockout_slots(alerts) - {a["slot_id"] for a in alerts if a["type"] == "restocked"}
     assert all(final[slot] == "empty" for slot in reported_empty if slot == STAYS_EMPTY)
     metrics = payloads(sub, f"{ROOT}/metrics")
@@ -211,7 +185,7 @@ class AgentThread:
 
 
 def test_no_alert_lost_when_the_broker_is_down_at_start_and_killed_mid_run(
-        scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any) -> None:
+        small_scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any) -> None:
     broker = mosquitto_broker(persistence=True)
     # A persistent subscriber: the broker keeps its subscription and queues for it across restarts.
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/alert", client_id="backoffice", persistent=True)
@@ -219,7 +193,7 @@ def test_no_alert_lost_when_the_broker_is_down_at_start_and_killed_mid_run(
 
     journal = tmp_path / "journal.sqlite"
     # The video loops, so alerts keep coming (every loop the shelf is full again) until we stop the agent.
-    running = AgentThread(agent_config(tmp_path, scenario, broker, loop=True))
+    running = AgentThread(agent_config(tmp_path, small_scenario, broker, loop=True))
     try:
         wait_until(lambda: len(journal_ids(journal)) >= 1, 60, "a first alert while the broker is down")
         broker.start()
@@ -251,11 +225,11 @@ def test_no_alert_lost_when_the_broker_is_down_at_start_and_killed_mid_run(
 
 # ------------------------------------------------------------------------------------------------ 7. planogram-free
 
-def test_planogram_free_mode_raises_gap_stockouts(scenario: Path, tmp_path: Path, mosquitto_broker: Any,
+def test_planogram_free_mode_raises_gap_stockouts(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any,
                                                   mqtt_subscriber: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
-    config = agent_config(tmp_path, scenario, broker, layout=False)
+    config = agent_config(tmp_path, small_scenario, broker, layout=False)
     assert config.layout is None
     summary = Agent(config).run()
     assert sub.wait_for(is_status(sub, "offline", "clean_stop"), 15)
@@ -271,7 +245,7 @@ def test_planogram_free_mode_raises_gap_stockouts(scenario: Path, tmp_path: Path
         assert alert["sku"] is None and alert["slot_id"].startswith("G")
 
     # What the model can honestly be asked: the slot that stays empty for 13 s becomes a gap stock-out there.
-    polygon = np.asarray(load_layout(scenario / "layout.yaml").slot(STAYS_EMPTY).polygon, np.float32)
+    polygon = np.asarray(load_layout(small_scenario / "layout.yaml").slot(STAYS_EMPTY).polygon, np.float32)
 
     def inside(alert: dict[str, Any]) -> bool:
         x1, y1, x2, y2 = alert["bbox"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -19,24 +19,11 @@ from shelfsight.shelf_agent.calibrate import (
     split_rows,
 )
 from shelfsight.shelf_agent.cli import main
-from shelfsight.shelf_agent.evaluate import rendered_scenario
 from shelfsight.shelf_agent.layout import ShelfLayout, load_layout
 
 TARGET_MEAN_IOU = 0.7  # issue 4
 
-# Fully stocked for the first second in both; the first is the one the other shelf_agent test modules share.
-SMALL = """\
-name: agent-small
-seed: 5
-duration_s: 20
-fps: 10
-camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
-shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
-events:
-  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
-  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
-  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
-"""
+# Fully stocked for the first second, like the conftest's small scenario.
 DEMO_SHELF = """\
 name: calibrate-4x8x3
 seed: 1
@@ -46,14 +33,6 @@ camera: {width: 1280, height: 720, noise: 0.02, jitter_px: 1.0}
 shelf: {rows: 4, slots_per_row: 8, facings_per_slot: 3}
 events: []
 """
-
-
-def render(tmp_path_factory: pytest.TempPathFactory, text: str) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    source = base / "scenario-sources" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    source.parent.mkdir(exist_ok=True)
-    source.write_text(text, encoding="utf-8")
-    return rendered_scenario(source, base / "scenarios")
 
 
 def polygon_iou(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
@@ -71,10 +50,11 @@ def mean_iou(truth: ShelfLayout, found: ShelfLayout) -> float:
 
 # ------------------------------------------------------------------------------------------------ real scenarios
 
-@pytest.mark.parametrize("scenario_text", [SMALL, DEMO_SHELF], ids=["640x360-2x4x2", "1280x720-4x8x3"])
-def test_calibrated_slots_match_the_true_layout(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
-                                                scenario_text: str, capsys: pytest.CaptureFixture[str]) -> None:
-    scenario = render(tmp_path_factory, scenario_text)
+@pytest.mark.parametrize("shelf", ["small", "demo"], ids=["640x360-2x4x2", "1280x720-4x8x3"])
+def test_calibrated_slots_match_the_true_layout(shelf: str, render_scenario: Callable[[str], Path],
+                                                small_scenario_text: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = render_scenario({"small": small_scenario_text, "demo": DEMO_SHELF}[shelf])
     out = tmp_path / "cal" / "layout.yaml"
     assert main(["calibrate", "--camera", str(scenario / "video.mp4"), "--out", str(out),
                  "--store-id", "s9", "--camera-id", "aisle-3"]) == 0
@@ -95,21 +75,19 @@ def test_calibrated_slots_match_the_true_layout(tmp_path_factory: pytest.TempPat
     assert "slots in" in capsys.readouterr().out
 
 
-def test_fixed_facings_per_slot(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    scenario = render(tmp_path_factory, SMALL)
+def test_fixed_facings_per_slot(small_scenario: Path, tmp_path: Path) -> None:
     out = tmp_path / "layout.yaml"
-    assert main(["calibrate", "--camera", str(scenario / "video.mp4"), "--out", str(out),
+    assert main(["calibrate", "--camera", str(small_scenario / "video.mp4"), "--out", str(out),
                  "--facings-per-slot", "1"]) == 0
     found = load_layout(out)
     assert len(found.slots) == 16 and {s.min_facings for s in found.slots} == {1}
 
 
-def test_reference_image_file(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    scenario = render(tmp_path_factory, SMALL)
+def test_reference_image_file(small_scenario: Path, tmp_path: Path) -> None:
     image = tmp_path / "ref.png"
-    cv2.imwrite(str(image), read_reference_frame(str(scenario / "video.mp4")))
+    cv2.imwrite(str(image), read_reference_frame(str(small_scenario / "video.mp4")))
     assert main(["calibrate", "--camera", str(image), "--out", str(tmp_path / "l.yaml")]) == 0
-    assert mean_iou(load_layout(scenario / "layout.yaml"), load_layout(tmp_path / "l.yaml")) >= TARGET_MEAN_IOU
+    assert mean_iou(load_layout(small_scenario / "layout.yaml"), load_layout(tmp_path / "l.yaml")) >= TARGET_MEAN_IOU
 
 
 @pytest.mark.parametrize(

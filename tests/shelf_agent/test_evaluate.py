@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,6 @@ from shelfsight.shelf_agent.evaluate import _occlusion_alerts, evaluate_scenario
 
 pytestmark = pytest.mark.timeout(120)
 
-SMALL = """\
-name: agent-small
-seed: 5
-duration_s: 20
-fps: 10
-camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
-shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
-events:
-  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
-  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
-  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
-"""
 # A shopper hides four slots for three times the dwell; a slot next to them empties meanwhile.
 SHOPPER = """\
 name: agent-small-shopper
@@ -42,27 +29,10 @@ events:
 """
 
 
-def source_file(tmp_path_factory: pytest.TempPathFactory, text: str) -> Path:
-    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-    source = tmp_path_factory.getbasetemp() / "scenario-sources" / f"{digest}.yaml"
-    source.parent.mkdir(exist_ok=True)
-    source.write_text(text, encoding="utf-8")
-    return source
-
-
-def render(tmp_path_factory: pytest.TempPathFactory, text: str) -> Path:
-    return rendered_scenario(source_file(tmp_path_factory, text), tmp_path_factory.getbasetemp() / "scenarios")
-
-
-def shelf_agent() -> list[str]:
-    script = Path(sys.executable).parent / "shelf-agent"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shelfsight.shelf_agent.cli"]
-
-
-def test_eval_scores_the_agent_on_a_scenario(tmp_path_factory: pytest.TempPathFactory,
+def test_eval_scores_the_agent_on_a_scenario(small_scenario: Path, scenario_work_dir: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    folder = render(tmp_path_factory, SMALL)
-    report = evaluate_scenarios([folder], fps=5, dwell=2, work_dir=tmp_path_factory.getbasetemp() / "scenarios")
+    folder = small_scenario
+    report = evaluate_scenarios([folder], fps=5, dwell=2, work_dir=scenario_work_dir)
     assert report.dwell_s == 2
     (result,) = report.scenarios
     score = result.score
@@ -82,13 +52,13 @@ def test_eval_scores_the_agent_on_a_scenario(tmp_path_factory: pytest.TempPathFa
     assert result.name in report.table()
 
 
-def test_eval_cli_prints_precision_recall_and_writes_json(tmp_path_factory: pytest.TempPathFactory,
-                                                          tmp_path: Path) -> None:
-    small = render(tmp_path_factory, SMALL)
-    shopper = source_file(tmp_path_factory, SHOPPER)  # a YAML: rendered by eval itself into --work-dir
+def test_eval_cli_prints_precision_recall_and_writes_json(small_scenario: Path,
+                                                          scenario_source: Callable[[str], Path],
+                                                          shelf_agent_command: list[str], tmp_path: Path) -> None:
+    shopper = scenario_source(SHOPPER)  # a YAML: rendered by eval itself into --work-dir
     out = tmp_path / "scores.json"
-    result = subprocess.run([*shelf_agent(), "eval", str(small), str(shopper), "--dwell", "2", "--fps", "5",
-                             "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+    result = subprocess.run([*shelf_agent_command, "eval", str(small_scenario), str(shopper), "--dwell", "2",
+                             "--fps", "5", "--work-dir", str(tmp_path / "work"), "--json", str(out)],
                             capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -108,8 +78,7 @@ def test_eval_cli_prints_precision_recall_and_writes_json(tmp_path_factory: pyte
     assert shopper_score["frames_processed"] == 80
 
 
-def test_rendered_scenario_is_cached_until_the_file_changes(tmp_path_factory: pytest.TempPathFactory,
-                                                            tmp_path: Path) -> None:
+def test_rendered_scenario_is_cached_until_the_file_changes(tmp_path: Path) -> None:
     text = SHOPPER.replace("agent-small-shopper", "cache-check").replace("duration_s: 16", "duration_s: 1")
     text = text.split("events:")[0] + "events: []\n"
     source = tmp_path / "s.yaml"

@@ -7,7 +7,6 @@ disk between the two writes would leave it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 from shelfsight.runtime.model import Detector
 from shelfsight.shelf_agent.agent import build_pipeline, open_detector
 from shelfsight.shelf_agent.config import AgentConfig
-from shelfsight.shelf_agent.evaluate import rendered_scenario
 from shelfsight.shelf_agent.events import ModelInfo, build_alert, validate_payload
 from shelfsight.shelf_agent.journal import Journal
 from shelfsight.shelf_agent.layout import ShelfLayout, load_layout
@@ -28,43 +26,17 @@ from shelfsight.shelf_agent.outbox import Outbox, OutboxError
 from shelfsight.shelf_agent.pipeline import STAGES, STATE_KEY, AlertEmitter, ShelfPipeline
 from shelfsight.shelf_agent.slot_state import SlotTransition
 
-# Shared by the shelf_agent test modules (same text -> rendered once per session into the same folder).
-SCENARIO = """\
-name: agent-small
-seed: 5
-duration_s: 20
-fps: 10
-camera: {width: 640, height: 360, noise: 0.01, jitter_px: 0.5}
-shelf: {rows: 2, slots_per_row: 4, facings_per_slot: 2}
-events:
-  - {t: 1, type: deplete, slot: R1S2, duration_s: 1}
-  - {t: 6, type: deplete, slot: R2S3, duration_s: 1}
-  - {t: 13, type: restock, slot: R1S2, duration_s: 1}
-"""
+# The small scenario (conftest): these slots empty, R2S3 for good.
 DEPLETED = {"R1S2", "R2S3"}
 STAYS_EMPTY = "R2S3"  # empty from 7 s to the end
 FRAME_SIZE = (640, 360)
 DWELL_S = 2.0
 
 
-def render(tmp_path_factory: pytest.TempPathFactory, text: str = SCENARIO) -> Path:
-    """Rendered once per test session (the folder is keyed by scenario name and checked against the text)."""
-    base = tmp_path_factory.getbasetemp()
-    source = base / "scenario-sources" / f"{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    source.parent.mkdir(exist_ok=True)
-    source.write_text(text, encoding="utf-8")
-    return rendered_scenario(source, base / "scenarios")
-
-
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return render(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def frames(scenario: Path) -> list[tuple[float, np.ndarray]]:
+def frames(small_scenario: Path) -> list[tuple[float, np.ndarray]]:
     """Every second decoded frame (5 fps) with its timestamp in seconds."""
-    capture = cv2.VideoCapture(str(scenario / "video.mp4"))
+    capture = cv2.VideoCapture(str(small_scenario / "video.mp4"))
     out: list[tuple[float, np.ndarray]] = []
     index = 0
     while True:
@@ -87,8 +59,8 @@ def detector() -> Iterator[Detector]:
 
 
 @pytest.fixture(scope="module")
-def layout(scenario: Path) -> ShelfLayout:
-    return load_layout(scenario / "layout.yaml")
+def layout(small_scenario: Path) -> ShelfLayout:
+    return load_layout(small_scenario / "layout.yaml")
 
 
 CONFIG = AgentConfig(slots={"dwell_s": DWELL_S}, gaps={"dwell_s": DWELL_S})  # type: ignore[arg-type]
