@@ -79,6 +79,30 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+# argparse dest -> the config field the flag overrides (dotted path); --providers, --dwell and --broker need more than
+# a copy and are handled below.
+FLAG_FIELDS = {
+    "camera": "camera.source",
+    "width": "camera.options.width",
+    "height": "camera.options.height",
+    "camera_fps": "camera.options.fps",
+    "fourcc": "camera.options.fourcc",
+    "replay": "camera.capture.replay",
+    "layout": "layout",
+    "model": "model.manifest",
+    "backend": "model.backend",
+    "threads": "model.threads",
+    "fps": "fps",
+    "mqtt_protocol": "mqtt.protocol",
+    "store_id": "store_id",
+    "camera_id": "camera_id",
+    "outbox": "outbox.path",
+    "journal": "journal",
+    "log_format": "log_format",
+    "log_level": "log_level",
+}
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Only flags the user gave: unset flags must not overwrite the config file."""
     o: dict[str, Any] = {}
@@ -92,30 +116,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
 
-    put("camera.source", args.camera)
-    put("camera.options.width", args.width)
-    put("camera.options.height", args.height)
-    put("camera.options.fps", args.camera_fps)
-    put("camera.options.fourcc", args.fourcc)
-    put("camera.capture.replay", args.replay)
-    put("layout", args.layout)
-    put("model.manifest", args.model)
-    put("model.backend", args.backend)
+    for dest, path in FLAG_FIELDS.items():
+        put(path, getattr(args, dest))
     put("model.providers", args.providers.split(",") if args.providers else None)
-    put("model.threads", args.threads)
-    put("fps", args.fps)
     if args.dwell is not None:
         put("slots.dwell_s", args.dwell)
         put("gaps.dwell_s", args.dwell)
     for key, value in (args.broker or {}).items():
         put(f"mqtt.{key}", value)
-    put("mqtt.protocol", args.mqtt_protocol)
-    put("store_id", args.store_id)
-    put("camera_id", args.camera_id)
-    put("outbox.path", args.outbox)
-    put("journal", args.journal)
-    put("log_format", args.log_format)
-    put("log_level", args.log_level)
     return o
 
 
