@@ -200,8 +200,16 @@ def validate(
     return evaluate_labelled(detector.detect, items[:limit] if limit is not None else items, class_names, progress)
 
 
-def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    model: Detector | None = None,
+) -> TrainResult:
+    """Train from scratch, from ``cfg.init`` weights, from ``last.pt`` (``cfg.resume``), or fine-tune an already
+    built ``model`` (e.g. a channel-pruned one whose layer widths no longer follow its config)."""
     torch.set_num_threads(cfg.threads)
+    if model is not None and (cfg.resume or cfg.init is not None):
+        raise ShelfSightError("a given model is fine-tuned as it is: it cannot be combined with resume or init")
     spec = load_data_yaml(cfg.data)
     cfg.out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = cfg.out / LAST_CHECKPOINT, cfg.out / BEST_CHECKPOINT
@@ -220,11 +228,17 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict[str, Any]], None] 
             raise ShelfSightError(f"{last_path}: classes {saved['class_names']} differ from {cfg.data}: {spec.names}")
         start_epoch = int(saved["epoch"]) + 1
         _seed_everything(cfg.seed)
+    elif model is not None:
+        model_cfg = model.cfg
+        if model_cfg.num_classes != spec.num_classes:
+            raise ShelfSightError(f"{cfg.data}: {spec.num_classes} classes but the model has {model_cfg.num_classes}")
+        _seed_everything(cfg.seed)
     else:
         model_cfg = ModelConfig(num_classes=spec.num_classes, width=cfg.width, depth=cfg.depth, imgsz=cfg.imgsz)
         _seed_everything(cfg.seed)
 
-    model = build_model(model_cfg)
+    if model is None:
+        model = build_model(model_cfg)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     elif cfg.init is not None:
