@@ -94,6 +94,7 @@ class Int8ExportOptions(BaseModel):
     finetune_batch: int = Field(default=8, ge=1)
     finetune_lr: float = Field(default=0.001, gt=0)
     max_map_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_prune_drop: float | None = Field(default=None, ge=0.0, le=1.0)
     val_limit: int | None = Field(default=None, ge=1)
     latency_threads: int = Field(default=1, ge=1)
     latency_runs: int = Field(default=50, ge=1)
@@ -108,6 +109,8 @@ class Int8ExportOptions(BaseModel):
             raise ValueError("--finetune-epochs fine-tunes a pruned model: add --prune RATIO")
         if self.finetune_epochs and self.train_data is None:
             raise ValueError("--finetune-epochs needs --train-data DATA_YAML")
+        if self.max_prune_drop is not None and self.prune is None:
+            raise ValueError("--max-prune-drop applies to a pruned variant: add --prune RATIO")
         if self.train_data is not None and not self.finetune_epochs:
             raise ValueError("--train-data is only used for fine-tuning: add --finetune-epochs N")
         if self.val_data.suffix.lower() not in (".yaml", ".yml"):
@@ -270,18 +273,22 @@ def record_metrics(manifest_path: Path, metrics: Metrics) -> Path:
     return write_manifest(manifest.model_copy(update={"metrics": metrics}), manifest_path.parent)
 
 
-def apply_gate(results: list[VariantResult], max_map_drop: float) -> list[str]:
-    """Mark each gated variant passed/failed by its mAP50 loss against the original FP32 model -> failed names.
+def apply_gate(results: list[VariantResult], max_map_drop: float, max_prune_drop: float | None = None) -> list[str]:
+    """Mark each gated variant passed/failed -> names of the failed ones. ``results`` lists parents first.
 
-    Every derived variant (INT8, pruned, pruned INT8) must be about as accurate as the model it would replace.
-    A variant without a measured drop fails: an unmeasured model is not proven to be as accurate.
+    Each step's loss is bounded against the model it was made from: quantization (INT8 vs its FP32 parent) by
+    ``max_map_drop``, pruning + fine-tuning (pruned FP32 vs the original) by ``max_prune_drop`` (default: the same).
+    A variant made from a rejected model is rejected too, and one without a measured drop fails: an unmeasured
+    model is not proven to be as accurate.
     """
-    failed = []
+    failed: list[str] = []
     for result in results:
         if not result.gated:
             continue
-        drop = result.map50_drop_vs_fp32
-        result.passed = drop is not None and drop <= max_map_drop + 1e-9
+        limit = max_map_drop if result.precision == "int8" else max_prune_drop
+        limit = max_map_drop if limit is None else limit
+        drop = result.map50_drop
+        result.passed = drop is not None and drop <= limit + 1e-9 and result.parent not in failed
         if not result.passed:
             failed.append(result.name)
     return failed
@@ -549,7 +556,7 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     try:
         variants = build_and_measure(source, staging, images, options)
         results = [v.result for v in variants]
-        rejected = apply_gate(results, options.max_map_drop)
+        rejected = apply_gate(results, options.max_map_drop, options.max_prune_drop)
         for variant in variants:
             record_metrics(variant.manifest, _metrics(variant, options.val_data))
         if rejected:
@@ -558,11 +565,9 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
                 if variant.result.name in rejected:
                     (staging / variant.result.name).rename(staging / REJECTED_DIR / variant.result.name)
                     variant.result.folder = f"{REJECTED_DIR}/{variant.result.name}"
-            verdict = (
-                f"REJECTED {', '.join(rejected)}: mAP50 below FP32 by more than --max-map-drop {options.max_map_drop}"
-            )
+            verdict = f"REJECTED {', '.join(rejected)}: mAP50 lost beyond {_limits(options)}"
         else:
-            verdict = f"every variant within --max-map-drop {options.max_map_drop} mAP50 of FP32"
+            verdict = f"every variant within {_limits(options)}"
         settings = options.model_dump(mode="json") | {
             "source": str(source.path),
             "source_sha256": source.sha256,
@@ -586,6 +591,14 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     if rejected:
         raise Int8GateError(f"{out / REJECTED_DIR}: {verdict} (see report.md)")
     return out / "report.json"
+
+
+def _limits(options: Int8ExportOptions) -> str:
+    text = f"--max-map-drop {options.max_map_drop} mAP50 (INT8 vs its FP32 parent)"
+    if options.prune is not None:
+        prune = options.max_prune_drop if options.max_prune_drop is not None else options.max_map_drop
+        text += f", --max-prune-drop {prune} (pruned vs FP32)"
+    return text
 
 
 def summary_lines(report_json: Path) -> list[str]:
@@ -621,6 +634,7 @@ _INT8_ONLY_FLAGS = {
     "finetune_epochs": 0,
     "train_data": None,
     "max_map_drop": 0.01,
+    "max_prune_drop": None,
     "calib_method": "minmax",
     "calib_images": 300,
     "calib_cache": None,
@@ -641,6 +655,7 @@ def add_int8_arguments(parser: Any) -> None:
     group.add_argument("--calib-cache", type=Path, help="calibration range cache (default ~/.cache/shelfsight)")
     group.add_argument("--max-map-drop", type=float, default=0.01, help="max mAP50 loss vs FP32 (default 0.01)")
     group.add_argument("--prune", type=float, metavar="RATIO", help="also export a channel-pruned variant (0-1)")
+    group.add_argument("--max-prune-drop", type=float, help="max mAP50 loss of pruning (default: --max-map-drop)")
     group.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model N epochs")
     group.add_argument("--train-data", type=Path, help="data.yaml to fine-tune the pruned model on")
     group.add_argument("--latency-runs", type=int, default=50, help="timed runs per variant (default 50)")
@@ -680,6 +695,7 @@ def options_from_args(args: Any, command: str) -> Int8ExportOptions:
             finetune_epochs=args.finetune_epochs,
             train_data=args.train_data,
             max_map_drop=args.max_map_drop,
+            max_prune_drop=args.max_prune_drop,
             latency_runs=args.latency_runs,
             tensorrt_variant=not args.no_tensorrt_variant,
             force=args.force,

@@ -215,28 +215,35 @@ def test_pruned_model_is_fine_tuned_with_the_project_trainer(trained_run: Any, t
     assert changed  # ... with trained weights
 
 
-def _result(name: str, drop: float | None, gated: bool = True) -> VariantResult:
-    result = VariantResult(name, "int8", name, 1, gated=gated, parent_map50=0.7, fp32_map50=0.5)
-    result.map50 = None if drop is None else 0.5 - drop
+def _result(name: str, drop: float | None) -> VariantResult:
+    """A measured variant ``drop`` mAP50 below its parent (parent named by the lineage in ``name``)."""
+    parent = {"int8": "fp32", "pruned-fp32": "fp32", "pruned-int8": "pruned-fp32"}[name]
+    precision = "fp32" if name.endswith("fp32") else "int8"
+    result = VariantResult(name, precision, name, 1, parent=parent, gated=True, parent_map50=0.8)
+    result.map50 = None if drop is None else 0.8 - drop
     return result
 
 
 @pytest.mark.parametrize(
-    ("drops", "max_drop", "failed"),
+    ("drops", "limits", "failed"),
     [
-        ({"int8": 0.005}, 0.01, []),
-        ({"int8": 0.01}, 0.01, []),
-        ({"int8": 0.0101}, 0.01, ["int8"]),
-        ({"int8": -0.02}, 0.0, []),  # INT8 better than FP32 passes
-        ({"int8": 0.0, "pruned-fp32": 0.03, "pruned-int8": 0.2}, 0.01, ["pruned-fp32", "pruned-int8"]),
-        ({"int8": None}, 0.5, ["int8"]),  # not measured = not proven
+        ({"int8": 0.005}, (0.01, None), []),
+        ({"int8": 0.01}, (0.01, None), []),
+        ({"int8": 0.0101}, (0.01, None), ["int8"]),
+        ({"int8": -0.02}, (0.0, None), []),  # INT8 better than FP32 passes
+        ({"int8": None}, (0.5, None), ["int8"]),  # not measured = not proven
+        ({"int8": 0.0, "pruned-fp32": 0.03, "pruned-int8": 0.0}, (0.01, None), ["pruned-fp32", "pruned-int8"]),
+        ({"int8": 0.0, "pruned-fp32": 0.03, "pruned-int8": 0.005}, (0.01, 0.05), []),
+        ({"int8": 0.0, "pruned-fp32": 0.03, "pruned-int8": 0.02}, (0.01, 0.05), ["pruned-int8"]),
     ],
 )
-def test_gate(drops: dict[str, float | None], max_drop: float, failed: list[str]) -> None:
-    results = [_result(name, drop) for name, drop in drops.items()] + [_result("fp32", 0.9, gated=False)]
-    assert apply_gate(results, max_drop) == failed
+def test_gate(drops: dict[str, float | None], limits: tuple[float, float | None], failed: list[str]) -> None:
+    fp32 = VariantResult("fp32", "fp32", "fp32", 1)
+    fp32.map50 = 0.8
+    results = [fp32] + [_result(name, drop) for name, drop in drops.items()]
+    assert apply_gate(results, *limits) == failed
     assert all(r.passed is (r.name not in failed) for r in results if r.gated)
-    assert results[-1].passed is None
+    assert fp32.passed is None
 
 
 @pytest.mark.parametrize(
@@ -250,6 +257,7 @@ def test_gate(drops: dict[str, float | None], max_drop: float, failed: list[str]
         ({"calib_method": "kl"}, "minmax"),
         ({"calib_images": 0}, "greater than or equal to 1"),
         ({"imgsz": 300}, "multiple of 32"),
+        ({"max_prune_drop": 0.05}, "--max-prune-drop applies to a pruned variant"),
     ],
 )
 def test_incompatible_options_are_errors(changes: dict[str, object], message: str) -> None:
@@ -277,6 +285,7 @@ class _Args:
             "finetune_epochs": 0,
             "train_data": None,
             "max_map_drop": 0.01,
+            "max_prune_drop": None,
             "calib_method": "minmax",
             "calib_images": 300,
             "calib_cache": None,
