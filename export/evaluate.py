@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from shelfsight.export.data import (
     DataSpec,
+    LabelledImage,
     image_files,
     label_path_for,
+    labelled_images,
     labels_to_xyxy,
     load_data_yaml,
     read_image,
@@ -168,6 +170,27 @@ def _classes_present(ground_truth: Sequence[GroundTruth], class_names: Sequence[
     return present.tolist()
 
 
+def evaluate_labelled(
+    detect: Callable[[np.ndarray], Detections],
+    items: Sequence[LabelledImage],
+    class_names: list[str],
+    progress: bool = False,
+    split: str = "val",
+    max_det: int = EVAL_MAX_DET,
+) -> EvalResult:
+    """COCO mAP over images of a mixed split: labels in dataset ids, and on each image the detections of classes
+    its source does not label are dropped (an unlabelled product is not a false positive)."""
+    predictions: list[Detections] = []
+    ground_truth: list[GroundTruth] = []
+    for item in tqdm(items, desc=f"eval {split}", unit="img", disable=not progress, leave=False):
+        frame = read_image(item.path)
+        xyxy, classes = labels_to_xyxy(item.labels, frame.shape[1], frame.shape[0])
+        ground_truth.append(GroundTruth(xyxy, classes))
+        detections = detect(frame)
+        predictions.append(detections[item.class_mask[detections.class_id.astype(np.int64)] > 0])
+    return coco_map(predictions, ground_truth, class_names, max_det=max_det, split=split)
+
+
 def evaluate_detector(
     detect: Callable[[np.ndarray], Detections],
     data_yaml: str | Path | DataSpec,
@@ -178,6 +201,10 @@ def evaluate_detector(
 ) -> EvalResult:
     """Run ``detect`` on every image of a split (frame pixels in, frame pixels out) and score it with COCO mAP."""
     spec = data_yaml if isinstance(data_yaml, DataSpec) else load_data_yaml(data_yaml)
+    if not spec.is_plain(split):  # remapped / partially labelled sources: score only what each source labels
+        items = labelled_images(spec, split)
+        items = items[:limit] if limit is not None else items
+        return evaluate_labelled(detect, items, spec.names, progress, split=split, max_det=max_det)
     images = image_files(spec, split)[:limit] if limit is not None else image_files(spec, split)
     predictions: list[Detections] = []
     ground_truth: list[GroundTruth] = []

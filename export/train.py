@@ -16,12 +16,11 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -29,21 +28,14 @@ from tqdm import tqdm
 
 from shelfsight.export.data import (
     AugmentConfig,
-    LabelledImage,
     YoloDataset,
-    labelled_images,
-    labels_to_xyxy,
     load_data_yaml,
     make_loader,
-    read_image,
 )
 from shelfsight.export.evaluate import (
     EVAL_CONF_THRESHOLD,
     EVAL_IOU_THRESHOLD,
-    EVAL_MAX_DET,
     EvalResult,
-    GroundTruth,
-    coco_map,
     evaluate_detector,
 )
 from shelfsight.export.loss import DetectionLoss
@@ -56,7 +48,6 @@ from shelfsight.export.model import (
     read_checkpoint,
 )
 from shelfsight.export.torch_detector import TorchDetector
-from shelfsight.runtime.detections import Detections
 from shelfsight.runtime.errors import ShelfSightError
 
 log = logging.getLogger(__name__)
@@ -170,34 +161,11 @@ def init_from_checkpoint(model: Detector, path: Path) -> int:
     return len(matched)
 
 
-def evaluate_labelled(
-    detect: Callable[[np.ndarray], Detections],
-    items: Sequence[LabelledImage],
-    class_names: list[str],
-    progress: bool = False,
-) -> EvalResult:
-    """COCO mAP over images of a mixed split: labels in dataset ids, and on each image the detections of classes
-    its source does not label are dropped (an unlabelled product is not a false positive)."""
-    predictions: list[Detections] = []
-    ground_truth: list[GroundTruth] = []
-    for item in tqdm(items, desc="eval val", unit="img", disable=not progress, leave=False):
-        frame = read_image(item.path)
-        xyxy, classes = labels_to_xyxy(item.labels, frame.shape[1], frame.shape[0])
-        ground_truth.append(GroundTruth(xyxy, classes))
-        detections = detect(frame)
-        predictions.append(detections[item.class_mask[detections.class_id.astype(np.int64)] > 0])
-    return coco_map(predictions, ground_truth, class_names, max_det=EVAL_MAX_DET, split="val")
-
-
 def validate(
     model: Detector, class_names: list[str], data: Path, imgsz: int, limit: int | None, progress: bool = False
 ) -> EvalResult:
     detector = TorchDetector(model, class_names, imgsz, EVAL_CONF_THRESHOLD, EVAL_IOU_THRESHOLD)
-    spec = load_data_yaml(data)
-    if spec.is_plain("val"):
-        return evaluate_detector(detector.detect, spec, "val", limit=limit, progress=progress)
-    items = labelled_images(spec, "val")
-    return evaluate_labelled(detector.detect, items[:limit] if limit is not None else items, class_names, progress)
+    return evaluate_detector(detector.detect, load_data_yaml(data), "val", limit=limit, progress=progress)
 
 
 def train(

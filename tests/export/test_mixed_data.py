@@ -20,9 +20,10 @@ from shelfsight.export.data import (
     load_data_yaml,
     read_labels,
 )
+from shelfsight.export.evaluate import evaluate_detector, evaluate_labelled
 from shelfsight.export.loss import DetectionLoss
 from shelfsight.export.model import ModelConfig, build_model
-from shelfsight.export.train import TrainConfig, evaluate_labelled, train
+from shelfsight.export.train import TrainConfig, train
 from shelfsight.runtime.detections import Detections
 from shelfsight.runtime.errors import ShelfSightError
 
@@ -203,6 +204,9 @@ def test_mixed_evaluation_drops_detections_of_unlabelled_classes(mixed_yaml: Pat
     unmasked = [LabelledImage(item.path, item.labels, np.ones(2, np.float32)) for item in items]
     order = iter([item.path for item in unmasked])
     assert evaluate_labelled(detect, unmasked, spec.names).per_class_ap50["product"] < 0.95
+    # `export-model eval` on the mixed data.yaml takes the same remapped, masked path (gap ids not read as product)
+    order = iter([item.path for item in items])
+    assert evaluate_detector(detect, spec, "val").per_class_ap50 == pytest.approx({"product": 1.0, "gap": 1.0})
 
 
 def test_training_on_a_mixed_yaml_validates_on_its_mixed_val(
