@@ -587,7 +587,7 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("%s", verdict)
+    log.debug("%s", verdict)  # the CLI prints it with the summary
     if rejected:
         raise Int8GateError(f"{out / REJECTED_DIR}: {verdict} (see report.md)")
     return out / "report.json"
@@ -675,7 +675,9 @@ def options_from_args(args: Any, command: str) -> Int8ExportOptions:
 
     if not args.int8:
         given = [f"--{n.replace('_', '-')}" for n, d in _INT8_ONLY_FLAGS.items() if getattr(args, n, d) != d]
-        raise ShelfSightError(f"{', '.join(given)} only apply to an INT8 export: add --int8")
+        raise ShelfSightError(
+            f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to an INT8 export: add --int8"
+        )
     for flag in ("parity_images", "include_checkpoint"):
         if getattr(args, flag, None):
             raise ShelfSightError(f"--{flag.replace('_', '-')} is not supported together with --int8")

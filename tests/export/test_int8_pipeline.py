@@ -299,7 +299,7 @@ class _Args:
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({"prune": 0.3}, "--prune only apply to an INT8 export: add --int8"),
+        ({"prune": 0.3}, "--prune only applies to an INT8 export: add --int8"),
         ({"int8": True, "val_data": Path("d.yaml")}, "--int8 needs --calib-data"),
         (
             {"int8": True, "calib_data": Path("c"), "val_data": Path("d.yaml"), "include_checkpoint": True},
