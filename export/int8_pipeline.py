@@ -362,9 +362,10 @@ def _fp32_variant(name: str, manifest: Path, checkpoint: Path | None, imgsz: int
     """An FP32 variant; params and MACs are counted when its PyTorch checkpoint is at hand."""
     result = VariantResult(name, "fp32", name, _model_file(manifest).stat().st_size)
     if checkpoint is not None:
-        from shelfsight.export.prune import load_pruned_checkpoint, measure_cost
+        from shelfsight.export.model import load_checkpoint
+        from shelfsight.export.prune import measure_cost
 
-        model, _ = load_pruned_checkpoint(checkpoint)  # loads unpruned checkpoints too (shapes equal the config)
+        model, _ = load_checkpoint(checkpoint)
         cost = measure_cost(model, imgsz)
         result.params, result.macs = cost.params, cost.macs
     result.parent = parent.result.name if parent else None

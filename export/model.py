@@ -452,6 +452,10 @@ def load_checkpoint(path: str | Path) -> tuple[Detector, CheckpointMeta]:
             f"{path}: {len(data['class_names'])} class names but model_config.num_classes={cfg.num_classes}"
         )
     model = build_model(cfg)
+    if isinstance(data.get("pruning"), dict):  # layers narrower than the config says: shrink them to the weights
+        from shelfsight.export.prune import reshape_to_state_dict
+
+        reshape_to_state_dict(model, data["state_dict"])
     check_state_dict(model, data["state_dict"], str(path))
     model.load_state_dict(data["state_dict"])
     model.eval()

@@ -26,13 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from shelfsight.export.model import (
-    CheckpointMeta,
     ConvBnAct,
     CSPBlock,
     Detector,
-    ModelConfig,
-    build_model,
-    check_state_dict,
+    load_checkpoint,
     make_checkpoint,
     read_checkpoint,
 )
@@ -267,30 +264,6 @@ def reshape_to_state_dict(model: Detector, state_dict: dict[str, Tensor]) -> Det
     return model
 
 
-def load_pruned_checkpoint(path: str | Path) -> tuple[Detector, CheckpointMeta]:
-    """Like ``shelfsight.export.model.load_checkpoint``, for checkpoints whose layers are narrower than the config."""
-    data = read_checkpoint(path)
-    try:
-        cfg = ModelConfig.from_dict(data["model_config"])
-    except (TypeError, ShelfSightError) as exc:
-        raise ShelfSightError(f"{path}: {exc}") from None
-    model = reshape_to_state_dict(build_model(cfg), data["state_dict"])
-    check_state_dict(model, data["state_dict"], str(path))
-    model.load_state_dict(data["state_dict"])
-    model.eval()
-    known = {"format", "model_config", "state_dict", "class_names", "imgsz", "epoch", "metrics"}
-    meta = CheckpointMeta(
-        path=Path(path),
-        model_config=cfg,
-        class_names=[str(n) for n in data["class_names"]],
-        imgsz=int(data["imgsz"]),
-        epoch=int(data.get("epoch", -1)),
-        metrics=dict(data.get("metrics") or {}),
-        extra={k: v for k, v in data.items() if k not in known},
-    )
-    return model, meta
-
-
 def save_pruned_checkpoint(
     result: PruneResult,
     model: Detector,
@@ -334,7 +307,6 @@ class PruneStepOptions:
 
 def prune_step(checkpoint: Path, out_path: Path, options: PruneStepOptions) -> Path:
     """Checkpoint -> pruned checkpoint (channels removed, not yet fine-tuned), with its pruning record."""
-    from shelfsight.export.model import load_checkpoint
     from shelfsight.runtime.manifest import sha256_file
 
     model, meta = load_checkpoint(checkpoint)
@@ -373,7 +345,7 @@ def finetune_step(pruned_checkpoint: Path, out_dir: Path, options: FinetuneStepO
             "fine-tuning a pruned model needs the trainer to accept a built model (train(cfg, model=...)); "
             "this version's trainer does not"
         )
-    model, meta = load_pruned_checkpoint(pruned_checkpoint)
+    model, meta = load_checkpoint(pruned_checkpoint)
     classes = load_data_yaml(options.train_data).names
     if classes != meta.class_names:
         raise PruneError(f"{options.train_data}: classes {classes} differ from the model's {meta.class_names}")
@@ -413,7 +385,7 @@ def export_pruned_step(pruned_checkpoint: Path, out_dir: Path, options: PrunedEx
     from shelfsight.export.torch_detector import TorchDetector
     from shelfsight.runtime.manifest import Manifest, Provenance, artifact_for, write_manifest
 
-    model, meta = load_pruned_checkpoint(pruned_checkpoint)
+    model, meta = load_checkpoint(pruned_checkpoint)
     imgsz = options.imgsz or meta.imgsz
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = write_onnx(model, imgsz, out_dir / options.model_filename, options.opset)

@@ -15,6 +15,11 @@ topic (not counted as drops: nothing the subscriber needs is lost).
 
 Per-camera ``seq`` numbers are allocated from a persisted counter, so they increase strictly across
 restarts and ``kill -9``; a crash between ``next_seq()`` and ``put()`` leaves a gap, never a repeat.
+
+``put(..., key=alert_id)`` is idempotent: the key is remembered in the same transaction as the row (for
+``KEY_MEMORY_S``, long after the row was acknowledged), and a second put with it stores nothing. The journal
+moves an alert into the outbox and then marks it queued, in two files; a ``kill -9`` between the two makes the
+next start put it again, and without the key that would be a second copy on the wire with the same seq.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 KINDS = tuple(DELIVERY)
 DEFAULT_MAX_MESSAGES = 10_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+KEY_MEMORY_S = 90 * 24 * 3600.0  # far longer than any restart; a few dozen bytes per alert
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -54,6 +60,11 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS taken_keys (
+    key     TEXT PRIMARY KEY,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS taken_keys_created ON taken_keys (created);
 """
 
 
@@ -156,8 +167,11 @@ class Outbox:
         *,
         qos: int | None = None,
         retain: bool | None = None,
-    ) -> int:
-        """Store one message durably and return its id; QoS/retain default to the DESIGN table for ``kind``."""
+        key: str | None = None,
+    ) -> int | None:
+        """Store one message durably and return its id; QoS/retain default to the DESIGN table for ``kind``.
+
+        With ``key``, a message already put under that key is not stored again: the return is then None."""
         if kind not in DELIVERY:
             raise OutboxError(f"{self.path}: unknown message kind {kind!r} (expected one of {', '.join(KINDS)})")
         default_qos, default_retain = DELIVERY[kind]
@@ -165,6 +179,9 @@ class Outbox:
         retain = default_retain if retain is None else retain
         payload = bytes(payload)
         with self._transaction(f"put ({kind})", durable=kind != "metrics") as conn:
+            if key is not None and not self._take_key(conn, key):
+                log.info("outbox: %s %s was put before; not stored again", kind, key)
+                return None
             superseded = 0
             if kind == "state":
                 superseded_size = conn.execute(
@@ -185,6 +202,12 @@ class Outbox:
         if superseded:
             log.debug("outbox: new %s message superseded %d pending one(s)", topic, superseded)
         return message_id
+
+    @staticmethod
+    def _take_key(conn: sqlite3.Connection, key: str) -> bool:
+        now = time.time()
+        conn.execute("DELETE FROM taken_keys WHERE created < ?", (now - KEY_MEMORY_S,))
+        return conn.execute("INSERT OR IGNORE INTO taken_keys (key, created) VALUES (?, ?)", (key, now)).rowcount == 1
 
     def _enforce_cap(self, conn: sqlite3.Connection) -> None:
         if self._depth <= self.max_messages and self._bytes <= self.max_bytes:

@@ -108,10 +108,11 @@ class AlertEmitter:
         moved = 0
         try:
             for payload in pending:
-                self._put_alert(payload)
+                stored = self._put_alert(payload)
                 self.journal.mark_queued(payload["alert_id"])
                 moved += 1
-                self._snapshot(payload, (fresh or {}).get(payload["alert_id"]), frame)
+                if stored:
+                    self._snapshot(payload, (fresh or {}).get(payload["alert_id"]), frame)
         except (OutboxError, JournalError) as exc:
             log.error("%s; %d alert(s) wait in the journal %s and are queued again on the next frame", exc,
                       len(pending) - moved, self.journal.path)
@@ -140,14 +141,17 @@ class AlertEmitter:
         )
 
     def _enqueue(self, payload: dict[str, Any], tr: SlotTransition | None, frame: np.ndarray | None) -> None:
-        self._put_alert(payload)
-        self._snapshot(payload, tr, frame)
+        if self._put_alert(payload):
+            self._snapshot(payload, tr, frame)
 
-    def _put_alert(self, payload: dict[str, Any]) -> None:
+    def _put_alert(self, payload: dict[str, Any]) -> bool:
+        """False when the outbox already took this alert: a run that died before marking it queued put it."""
         alert_topic = topics(payload["store_id"], payload["camera_id"], self.topic_prefix).alert
-        self.outbox.put(alert_topic, encode_payload(payload), "alert")
+        if self.outbox.put(alert_topic, encode_payload(payload), "alert", key=payload["alert_id"]) is None:
+            return False
         log.info("alert %s seq=%d slot=%s type=%s event_t=%.1fs", payload["alert_id"][:8], payload["seq"],
                  payload["slot_id"], payload["type"], payload["event_frame_ts"])
+        return True
 
     def _snapshot(self, payload: dict[str, Any], tr: SlotTransition | None, frame: np.ndarray | None) -> None:
         """Best effort: a snapshot that cannot be made or stored never holds back its alert."""

@@ -30,13 +30,13 @@ from shelfsight.export.int8_pipeline import (
     options_from_args,
     run_int8_export,
 )
+from shelfsight.export.model import load_checkpoint
 from shelfsight.export.prune import (
     PRUNING_KEY,
     FinetuneStepOptions,
     PruneStepOptions,
     conv_widths,
     finetune_step,
-    load_pruned_checkpoint,
     prune_step,
     trainer_accepts_model,
 )
@@ -206,9 +206,9 @@ def test_model_folder_source_refuses_pruning_and_resizing(exported: tuple[Path, 
 @pytest.mark.skipif(not trainer_accepts_model(), reason="trainer hook train(cfg, model=...) not wired yet")
 def test_pruned_model_is_fine_tuned_with_the_project_trainer(trained_run: Any, tiny_data: Path, tmp_path: Path) -> None:
     pruned = prune_step(trained_run.best, tmp_path / "pruned.pt", PruneStepOptions(0.25))
-    before, _ = load_pruned_checkpoint(pruned)
+    before, _ = load_checkpoint(pruned)
     tuned = finetune_step(pruned, tmp_path / "finetune", FinetuneStepOptions(tiny_data, epochs=1, batch=4))
-    after, meta = load_pruned_checkpoint(tuned)
+    after, meta = load_checkpoint(tuned)
     assert meta.extra[PRUNING_KEY]["ratio"] == 0.25
     assert conv_widths(after) == conv_widths(before)  # same pruned architecture ...
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from shelfsight.export.model import CSPBlock, Detector, ModelConfig, build_model, read_checkpoint
+from shelfsight.export.model import CSPBlock, Detector, ModelConfig, build_model, load_checkpoint, read_checkpoint
 from shelfsight.export.prune import (
     PRUNING_KEY,
     PruneError,
@@ -17,7 +17,6 @@ from shelfsight.export.prune import (
     _SplitFreeCSP,
     conv_widths,
     head_output_convs,
-    load_pruned_checkpoint,
     prune_detector,
     save_pruned_checkpoint,
 )
@@ -93,7 +92,7 @@ def test_pruned_checkpoint_saves_and_reloads(pruned_half: PruneResult, tmp_path:
     raw = read_checkpoint(path)  # torch.load(weights_only=True) inside
     assert raw[PRUNING_KEY]["ratio"] == 0.5 and raw[PRUNING_KEY]["k"] == "v"
     assert raw[PRUNING_KEY]["params_after"] == pruned_half.after.params
-    loaded, meta = load_pruned_checkpoint(path)
+    loaded, meta = load_checkpoint(path)
     assert meta.class_names == ["product", "gap"] and meta.imgsz == IMGSZ
     assert conv_widths(loaded) == conv_widths(pruned_half.model)
     x = torch.rand(1, 3, IMGSZ, IMGSZ)

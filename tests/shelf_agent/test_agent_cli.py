@@ -160,7 +160,7 @@ def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothi
     assert not missing, f"stored before the kill but never delivered: {missing}"
     assert delivered_ids[: len(journaled)] == [a["alert_id"] for a in journaled]  # replayed first, in order
     seqs = [a["seq"] for a in delivered]
-    assert all(b > a for a, b in pairwise(seqs))
+    assert all(b > a for a, b in pairwise(seqs)), [(a["seq"], a["type"], a["slot_id"]) for a in delivered]
 
     # The restart saw those slots empty and published that, but raised no second stock-out for them.
     new = delivered[len(journaled):]

@@ -33,6 +33,21 @@ def test_put_peek_ack_in_id_order(tmp_path: Path) -> None:
         assert outbox.peek_batch(1)[0].attempts == 1
 
 
+def test_a_keyed_put_is_stored_once_even_after_its_ack_and_a_reopen(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        first = outbox.put(ALERT_TOPIC, b"a1", "alert", key="alert-1")
+        assert first is not None
+        assert outbox.put(ALERT_TOPIC, b"a1", "alert", key="alert-1") is None
+        assert [m.id for m in outbox.peek_batch(10)] == [first]
+        outbox.ack(first)
+    with Outbox(tmp_path / "outbox.db") as outbox:  # a restart after the ack: still remembered
+        assert outbox.put(ALERT_TOPIC, b"a1", "alert", key="alert-1") is None
+        assert outbox.put(ALERT_TOPIC, b"a2", "alert", key="alert-2") is not None
+        assert outbox.put(ALERT_TOPIC, b"unkeyed", "alert") is not None
+        assert outbox.put(ALERT_TOPIC, b"unkeyed", "alert") is not None  # no key: no dedupe
+        assert [m.payload for m in outbox.peek_batch(10)] == [b"a2", b"unkeyed", b"unkeyed"]
+
+
 def test_unknown_kind_is_refused(tmp_path: Path) -> None:
     with Outbox(tmp_path / "outbox.db") as outbox, pytest.raises(OutboxError, match="unknown message kind 'video'"):
         outbox.put("t", b"x", "video")

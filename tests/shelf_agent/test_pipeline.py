@@ -8,6 +8,7 @@ disk between the two writes would leave it.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,20 @@ def test_alert_pending_in_journal_is_queued_at_startup(detector: Detector, layou
         assert [json.loads(r.payload) for r in rows] == [payload]  # no snapshot: the frame died with the process
         outbox.close()
         journal2.close()
+
+
+def test_kill_between_outbox_put_and_journal_mark_does_not_send_the_alert_twice(tmp_path: Path) -> None:
+    """The other side of the two-file write: the outbox took the alert, the journal never heard it was queued."""
+    outbox, journal = Outbox(tmp_path / "o.sqlite"), Journal(tmp_path / "j.sqlite")
+    emitter = emitter_for(outbox, journal)
+    alerts = emitter.emit([transition()], GOOD, {"version": 1, "reported": {}})
+    with sqlite3.connect(tmp_path / "j.sqlite") as conn:  # as if killed before mark_queued committed
+        conn.execute("UPDATE alerts SET queued = 0")
+    assert journal.pending_alerts() == alerts
+
+    assert emitter_for(outbox, journal).queue_pending() == 0  # the restart
+    assert journal.pending_alerts() == []
+    assert [json.loads(r.payload) for r in outbox_rows(outbox) if r.kind == "alert"] == alerts
 
 
 def test_full_outbox_keeps_alert_pending_until_there_is_room(tmp_path: Path,
