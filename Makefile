@@ -42,6 +42,16 @@ demo: system-deps $(VENV)/.device-installed
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# Long forms of tests/reliability (CI runs the short form inside `make test`).
+RELIABILITY_CYCLES ?= 10
+reliability: install
+	SHELFSIGHT_RELIABILITY_LONG=1 SHELFSIGHT_RELIABILITY_CYCLES=$(RELIABILITY_CYCLES) \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability
+
+SOAK_MINUTES ?= 30
+soak: install
+	$(BIN)/python tests/reliability/soak.py --minutes $(SOAK_MINUTES) --out $(OUT)/soak
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy export runtime shelf_agent calibration sim
