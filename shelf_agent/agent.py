@@ -96,6 +96,7 @@ def build_pipeline(
         slot_machine_factory=lambda zones: SlotStateMachine.from_zones(zones, config.slots),
         gap_tracker_factory=lambda product, gap: GapTracker(config.gaps, product_class=product, gap_class=gap),
         journal=journal,
+        class_roles=(config.model.product_classes, config.model.gap_classes),
     )
 
 

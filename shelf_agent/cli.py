@@ -65,6 +65,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", help="comma-separated ORT execution providers, e.g. "
                    "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider")
     p.add_argument("--threads", type=int, help="ORT intra-op threads")
+    p.add_argument("--product-classes", help="comma-separated class names of a foreign model that mean product")
+    p.add_argument("--gap-classes", help="comma-separated class names of a foreign model that mean an empty facing")
     p.add_argument("--fps", type=float, help="inference rate cap (default 2)")
     p.add_argument("--dwell", type=float, help="seconds a stock-out must persist before the alert (default 10)")
     p.add_argument("--broker", type=_broker, help="HOST[:PORT] of the MQTT broker")
@@ -118,7 +120,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     for dest, path in FLAG_FIELDS.items():
         put(path, getattr(args, dest))
-    put("model.providers", args.providers.split(",") if args.providers else None)
+    for flag in ("providers", "product_classes", "gap_classes"):
+        value = getattr(args, flag)
+        put(f"model.{flag}", [v.strip() for v in value.split(",") if v.strip()] if value else None)
     if args.dwell is not None:
         put("slots.dwell_s", args.dwell)
         put("gaps.dwell_s", args.dwell)

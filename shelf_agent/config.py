@@ -40,6 +40,11 @@ class ModelConfig(_Strict):
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     providers: list[str] | None = Field(default=None, description="ORT execution providers in order of preference")
     threads: int | None = Field(default=None, ge=1, description="ORT intra-op threads")
+    product_classes: list[str] = Field(default=["product"], min_length=1,
+                                       description="the model's class names that count as product (a foreign model's "
+                                                   "'object', 'sku', or every SKU)")
+    gap_classes: list[str] = Field(default=["gap"], min_length=1,
+                                   description="the model's class names that count as an empty facing")
     conf_threshold: float = Field(default=0.35, gt=0, lt=1)
     iou_threshold: float = Field(default=0.5, gt=0, le=1)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from shelfsight.shelf_agent.layout import ShelfLayout
 from shelfsight.shelf_agent.outbox import Outbox, OutboxError
 from shelfsight.shelf_agent.slot_state import SlotStateMachine, SlotTransition
 from shelfsight.shelf_agent.snapshot import SnapshotError, render_snapshot
-from shelfsight.shelf_agent.zones import SlotZones, product_gap_class_ids
+from shelfsight.shelf_agent.zones import GAP_CLASS_NAME, PRODUCT_CLASS_NAME, ClassRoles, SlotZones
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,15 @@ class ShelfPipeline:
         slot_machine_factory: Callable[[SlotZones], SlotStateMachine],
         gap_tracker_factory: Callable[[int, int], GapTracker],
         journal: Journal | None = None,
+        class_roles: tuple[Sequence[str], Sequence[str]] = ((PRODUCT_CLASS_NAME,), (GAP_CLASS_NAME,)),
     ) -> None:
+        """``class_roles``: the model's class names that count as (product, gap); others are ignored."""
         self.detector = detector
         self.emitter = emitter
         self.journal = journal
         self.frame_size = frame_size
-        product_class, gap_class = product_gap_class_ids(detector.manifest.classes)
+        self.roles = ClassRoles(detector.manifest.classes, *class_roles)
+        product_class, gap_class = ClassRoles.PRODUCT, ClassRoles.GAP
         self.zones: SlotZones | None = None
         self.machine: SlotStateMachine | None = None
         self.gaps: GapTracker | None = None
@@ -225,7 +228,7 @@ class ShelfPipeline:
         stage_ns: dict[str, int] = {}
         try:
             self._check_frame(image)
-            detections = self.detector.detect(image)
+            detections = self.roles.apply(self.detector.detect(image))
         except ValueError as exc:
             self.bad_frames += 1
             log.warning("frame at t=%.3fs skipped: %s", frame_time_s, exc)

@@ -34,6 +34,40 @@ _GAP_OVERLAP_FOR_SLOT = 0.3
 _COLOR_SAMPLES = 8192
 
 
+class ClassRoles:
+    """Which of a model's classes count as ``product`` and which as ``gap``.
+
+    A third-party model names its classes its own way (``object``, ``sku``, ``empty``, or dozens of SKUs): the
+    config lists the names per role and ``apply`` rewrites detections to class 0 (product) and 1 (gap), dropping
+    every other class, so slot geometry and trackers never see a foreign class id."""
+
+    PRODUCT, GAP = 0, 1
+
+    def __init__(self, classes: Sequence[str], product: Sequence[str] = (PRODUCT_CLASS_NAME,),
+                 gap: Sequence[str] = (GAP_CLASS_NAME,)) -> None:
+        names = list(classes)
+        for role, wanted in (("product", product), ("gap", gap)):
+            unknown = [name for name in wanted if name not in names]
+            if not wanted or unknown:
+                raise ManifestError(
+                    f"model classes {names[:20]}{' ...' if len(names) > 20 else ''} lack {role} class(es) "
+                    f"{list(unknown or wanted)}: name them with model.{role}_classes (--{role}-classes)")
+        overlap = set(product) & set(gap)
+        if overlap:
+            raise ConfigError(f"classes {sorted(overlap)} are both product and gap")
+        self.lut = np.full(len(names), -1, np.int64)
+        self.lut[[names.index(n) for n in product]] = self.PRODUCT
+        self.lut[[names.index(n) for n in gap]] = self.GAP
+        self.identity = len(names) == 2 and self.lut.tolist() == [0, 1]
+
+    def apply(self, detections: Detections) -> Detections:
+        if self.identity or not len(detections):
+            return detections
+        role = self.lut[detections.class_id]
+        keep = role >= 0
+        return Detections(detections.xyxy[keep], detections.confidence[keep], role[keep])
+
+
 def product_gap_class_ids(classes: Sequence[str]) -> tuple[int, int]:
     """Class ids of ``product`` and ``gap`` from a manifest's class names (never assume 0 and 1)."""
     names = list(classes)
