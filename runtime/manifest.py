@@ -146,6 +146,10 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ManifestError(f"{path}: invalid JSON: {(str(exc) or type(exc).__name__).splitlines()[0]}") from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

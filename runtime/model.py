@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
@@ -174,7 +174,32 @@ def _model_file(manifest_path: str | Path, manifest: Manifest, backend: str) -> 
                 f"{manifest_path}: no TensorRT engine listed for '{manifest.name}'; build one on the device with "
                 "'export-model build-engine MODEL_DIR' or use --backend onnxruntime"
             )
-    return resolve_artifact(manifest_path, manifest.artifact("model"))
+    model_file = resolve_artifact(manifest_path, manifest.artifact("model"))
+    if model_file.suffix.lower() == ".onnx":
+        _check_external_data(manifest_path, manifest, model_file)
+    return model_file
+
+
+def _check_external_data(manifest_path: str | Path, manifest: Manifest, model_file: Path) -> None:
+    """Tensors stored outside ``model.onnx`` must stay in the folder and be listed (and verified) in the manifest."""
+    from shelfsight.runtime.onnx_external import OnnxParseError, external_data_locations
+
+    try:
+        references = external_data_locations(model_file)
+    except (OnnxParseError, OSError) as exc:
+        raise ManifestError(f"{model_file}: cannot read as an ONNX model ({exc}); refusing to load") from None
+    base = PurePosixPath(manifest.artifact("model").path).parent
+    listed = {PurePosixPath(art.path): art for art in manifest.artifacts}
+    for tensor, location in dict.fromkeys(references):
+        pure = PurePosixPath(location)
+        if not location.strip() or pure.is_absolute() or ".." in pure.parts or "\\" in location:
+            raise ManifestError(f"{model_file}: tensor '{tensor}' reads external data from '{location}', "
+                                "outside the model folder; refusing to load")
+        artifact = listed.get(base / pure)
+        if artifact is None:
+            raise ManifestError(f"{model_file}: tensor '{tensor}' reads external data from '{location}', which the "
+                                "manifest does not list with a sha256; refusing to load")
+        resolve_artifact(manifest_path, artifact)
 
 
 def load_model(

@@ -84,6 +84,10 @@ def compose_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:  # PyYAML composes recursively: "[[[[..." thousands deep
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # PyYAML's constructors: an impossible date, an integer of more than 4300 digits
+        raise ConfigError(f"{source}: invalid YAML value: {(str(exc) or type(exc).__name__).splitlines()[0]}") from None
     return data, root
 
 
