@@ -122,7 +122,7 @@ def test_agent_sigkilled_repeatedly_during_an_outage_loses_nothing_and_raises_no
     outbox, journal = tmp_path / "outbox.sqlite", tmp_path / "journal.sqlite"
     args = run_args(small_scenario, tmp_path, broker)
 
-    stored_before_kill: dict[str, bytes] = {}  # alert/snapshot topic -> payload seen in the outbox after a kill
+    stored_before_kill: dict[str, bytes] = {}  # alert_id or snapshot topic -> payload in the outbox after a kill
     stored_alert_ids: set[str] = set()
     kill_delays: list[float] = []
     for index in range(kills):
@@ -138,7 +138,9 @@ def test_agent_sigkilled_repeatedly_during_an_outage_loses_nothing_and_raises_no
         assert agent.wait(10) == -signal.SIGKILL
         view = agent_files.read_outbox(outbox)
         for _, kind, topic, payload in view.rows:
-            if kind in ("alert", "snapshot"):
+            if kind == "alert":
+                stored_before_kill[json.loads(payload)["alert_id"]] = payload
+            elif kind == "snapshot":
                 stored_before_kill[topic] = payload
         stored_alert_ids |= view.alert_ids()
 
@@ -162,8 +164,9 @@ def test_agent_sigkilled_repeatedly_during_an_outage_loses_nothing_and_raises_no
     journaled = agent_files.journal_alerts(journal)
     raw = alerts_tools.delivered(sub)
     unique = alerts_tools.first_seen(raw)
-    delivered_topics = {m.topic: m.payload for m in sub.messages}
-    lost_rows = sorted(t for t, p in stored_before_kill.items() if delivered_topics.get(t) != p)
+    delivered_rows = {m.topic: m.payload for m in sub.messages if m.topic != f"{ROOT}/alert"}
+    delivered_rows.update((m.json()["alert_id"], m.payload) for m in sub.on(f"{ROOT}/alert"))
+    lost_rows = sorted(key for key, payload in stored_before_kill.items() if delivered_rows.get(key) != payload)
     lost_alerts = sorted(ids(journaled) - ids(unique))
     restated = alerts_tools.restated_stockouts(unique)
     seqs = [a["seq"] for a in unique]
