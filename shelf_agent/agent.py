@@ -169,6 +169,7 @@ class Agent:
         last_ts = 0.0
         alerts: list[dict[str, Any]] = []
         next_metrics = time.monotonic() + self.config.publish.metrics_interval_s
+        last_metrics = time.monotonic()
         next_state = 0.0
         try:
             while not self._stop.is_set():
@@ -192,10 +193,10 @@ class Agent:
                     next_state = now + self.config.publish.state_interval_s
                 if now >= next_metrics or self._camera_changed_flag.is_set():
                     self._camera_changed_flag.clear()
-                    self._put_metrics(now - next_metrics + self.config.publish.metrics_interval_s)
-                    next_metrics = now + self.config.publish.metrics_interval_s
+                    self._put_metrics(now - last_metrics)
+                    last_metrics, next_metrics = now, now + self.config.publish.metrics_interval_s
         finally:
-            self._shutdown(last_ts)
+            self._shutdown(last_ts, time.monotonic() - last_metrics)
         bad = self.pipeline.bad_frames if self.pipeline else 0
         return RunSummary(seen, processed, bad, alerts, time.monotonic() - started,
                           (last_ts - first_ts) if first_ts is not None else 0.0)
@@ -271,8 +272,13 @@ class Agent:
         if self.publisher is not None:
             self.publisher.notify()
 
-    def _shutdown(self, last_ts: float) -> None:
+    def _shutdown(self, last_ts: float, since_metrics_s: float) -> None:
         self.capture.stop()
+        if self._camera_changed_flag.is_set():
+            # The final camera state (ended, failed) is published too: the loop leaves as soon as the source is
+            # finished, before its metrics check, and stop() ends the camera only now.
+            self._camera_changed_flag.clear()
+            self._put_metrics(since_metrics_s)
         if self.pipeline is not None:
             self._put_state(last_ts)
         if self.publisher is not None:
