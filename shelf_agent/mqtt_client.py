@@ -63,7 +63,8 @@ class MqttConfig(BaseModel):
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
     client_id: str | None = Field(None, description="default shelfsight-{store_id}-{camera_id}: stable per camera")
-    keepalive_s: int = Field(30, ge=5)
+    keepalive_s: int = Field(30, ge=5, description="a silent broker connection is noticed within about this "
+                             "long: the MQTT keep alive sent to the broker is half of it (see ping_interval_s)")
     session_expiry_s: int = Field(86400, ge=0, description="MQTT v5 session expiry interval")
     username: str | None = None
     password: SecretStr | None = None
@@ -89,6 +90,17 @@ class MqttConfig(BaseModel):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
+
+    @property
+    def ping_interval_s(self) -> int:
+        """The MQTT keep alive the client negotiates: half of ``keepalive_s``.
+
+        paho pings once nothing arrived for a keep alive and declares the connection dead when the PINGRESP has
+        not come one more keep alive later, so a blackholed link (no FIN, no RST) is noticed after up to twice the
+        negotiated value (+1 s of loop granularity). Negotiating ``keepalive_s / 2`` makes that about
+        ``keepalive_s``. The broker, for its part, drops a silent agent (and sends the will) after 1.5x the
+        negotiated value, 0.75x ``keepalive_s``."""
+        return max(1, self.keepalive_s // 2)
 
     def resolve_password(self) -> str | None:
         if self.password is not None:
@@ -223,7 +235,7 @@ class Publisher:
         self.client.connect_async(
             self.config.host,
             self.config.port,
-            keepalive=self.config.keepalive_s,
+            keepalive=self.config.ping_interval_s,
             clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
         )

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,3 +314,53 @@ def test_config_is_strict_and_resolves_the_password(monkeypatch: pytest.MonkeyPa
     assert "s3cret" not in repr(MqttConfig(password="s3cret"))
     with pytest.raises(ConfigError, match="ca_certs: file not found"):
         build_client(MqttConfig(tls={"ca_certs": tmp_path / "missing.pem"}), "id")
+
+
+# ------------------------------------------------------------------------------------------------ silent broker
+
+def _silent_broker(listener: socket.socket, seen: dict[str, Any]) -> None:
+    """Byte level: accept one client, answer its CONNECT with a success CONNACK, then never send another byte
+    (a blackholed link: the TCP connection stays up, no FIN, no RST). Records the keep alive from the CONNECT."""
+    conn, _ = listener.accept()
+    seen["conn"] = conn
+    header = conn.recv(2)
+    length, shift, byte = 0, 0, header[1]
+    while True:  # remaining length, variable byte integer
+        length += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        byte = conn.recv(1)[0]
+    body = b""
+    while len(body) < length:
+        body += conn.recv(length - len(body))
+    assert header[0] == 0x10 and body[:6] == b"\x00\x04MQTT", (header, body[:8])
+    seen["keepalive"] = int.from_bytes(body[8:10], "big")  # after protocol name, level, connect flags
+    conn.sendall(b"\x20\x03\x00\x00\x00")  # CONNACK v5: no session, Success, no properties
+    while conn.recv(4096):  # swallow PUBLISH/PINGREQ until the client gives up
+        pass
+
+
+def test_a_silent_connection_is_given_up_after_about_the_configured_keepalive(tmp_path: Path,
+                                                                              publishers: Any) -> None:
+    """keepalive_s is how long a dead link may go unnoticed: paho pings after one negotiated keep alive and waits one
+    more for the PINGRESP, so the agent negotiates half of keepalive_s (a blackhole was noticed after 2.1x before)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    seen: dict[str, Any] = {}
+    thread = threading.Thread(target=_silent_broker, args=(listener, seen), daemon=True)
+    thread.start()
+    outbox = Outbox(tmp_path / "outbox.db")
+    publisher = publishers(outbox, host="127.0.0.1", port=listener.getsockname()[1], keepalive_s=6)
+    assert wait_until(lambda: publisher.connected, 10)
+    assert seen["keepalive"] == 3 == publisher.config.ping_interval_s
+    put_alerts(outbox, 1)
+    publisher.notify()
+    assert wait_until(lambda: not publisher.connected, 30), "the silent connection was never given up"
+    assert outbox.depth() == 1  # never acknowledged, so still there for the next connection
+    publisher.stop(timeout=1.0, drain=False)
+    thread.join(5)
+    seen["conn"].close()
+    listener.close()
+    assert MqttConfig(keepalive_s=30).ping_interval_s == 15 and MqttConfig(keepalive_s=5).ping_interval_s == 2
