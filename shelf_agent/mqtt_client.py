@@ -138,10 +138,44 @@ def _agent_version() -> str:
         return "0+unknown"
 
 
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho swallows it before on_connect_fail:
+    an untrusted, expired or misnamed broker certificate would otherwise read as an unreachable broker)."""
+
+    last_connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            result = super().reconnect()
+        except OSError as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return result
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        # A broker refusing our client certificate (unknown CA, expired) says so in a TLS alert that arrives after
+        # the handshake (TLS 1.3), on the first read; paho logs it and reports a bare disconnect.
+        try:
+            return super()._sock_recv(bufsize)
+        except ssl.SSLError as exc:
+            self.last_connect_error = exc
+            raise
+
+
+def _connect_error_text(exc: OSError | None) -> str:
+    """``": TLS: certificate verify failed: ..."`` for a TLS failure; empty otherwise (a plain refusal is clear)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f": TLS: certificate verify failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f": TLS: {exc.reason or exc.strerror or type(exc).__name__}"
+    return ""
+
+
 def build_client(config: MqttConfig, client_id: str) -> mqtt.Client:
     """A configured (not yet connected) paho 2.x client: protocol, session, credentials, TLS, backoff."""
     v5 = config.protocol == "5"
-    client = mqtt.Client(
+    client = _Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=None if v5 else False,  # 3.1.1 persistent session; v5 uses clean_start below
@@ -316,14 +350,15 @@ class Publisher:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
-            self._events.put(("connect_failed",))
+            self._events.put(("connect_failed", _connect_error_text(getattr(client, "last_connect_error", None))))
         except Exception:
             log.exception("mqtt: error in on_connect_fail")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
             self._connected = False
-            self._events.put(("disconnected", int(reason_code.value), str(reason_code)))
+            self._events.put(("disconnected", int(reason_code.value), str(reason_code),
+                              _connect_error_text(getattr(client, "last_connect_error", None))))
         except Exception:
             log.exception("mqtt: error in on_disconnect")
 
@@ -389,10 +424,15 @@ class Publisher:
         elif kind == "disconnected":
             if self._session_ready:
                 log.warning("mqtt: disconnected from %s:%d: %s", self.config.host, self.config.port, event[2])
+            elif event[3]:  # closed during the TLS set-up, before any CONNACK: e.g. our certificate was refused
+                self.connect_failures += 1
+                self._set_error(f"broker {self.config.host}:{self.config.port} closed the connection before "
+                                f"accepting it{event[3]}",
+                                level=logging.WARNING if self.connect_failures == 1 else logging.DEBUG)
             self._session_ready = False
         elif kind == "connect_failed":
             self.connect_failures += 1
-            self._set_error(f"cannot reach broker {self.config.host}:{self.config.port}",
+            self._set_error(f"cannot reach broker {self.config.host}:{self.config.port}{event[1]}",
                             level=logging.WARNING if self.connect_failures == 1 else logging.DEBUG)
 
     def _handle_puback(self, mid: int, code: int, name: str, acks: list[int]) -> None:
