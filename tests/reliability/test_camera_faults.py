@@ -288,6 +288,21 @@ def timed_subscriber(mqtt_subscriber: Callable[..., Any]) -> Callable[[int], Any
     return make
 
 
+def settle(subscriber: Any, raised: set[str] | None = None, timeout: float = 15.0) -> bool:
+    """Wait for what a clean stop sends last (the offline status, the final camera state, every alert raised) to
+    reach the subscriber: the broker acknowledging it does not mean the subscriber has it yet."""
+
+    def done(_: list[Any]) -> bool:
+        status = [m for m in subscriber.messages if m.topic == f"{ROOT}/status"]
+        metrics = [m for m in subscriber.messages if m.topic == f"{ROOT}/metrics"]
+        alerts = {m.json()["alert_id"] for m in subscriber.messages if m.topic == f"{ROOT}/alert"}
+        return (bool(status) and status[-1].json()["state"] == "offline"
+                and bool(metrics) and metrics[-1].json()["camera"]["state"] in ("ended", "failed")
+                and (raised is None or raised <= alerts))
+
+    return bool(subscriber.wait_for(done, timeout))
+
+
 def distinct(states: list[str]) -> list[str]:
     return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
@@ -343,7 +358,8 @@ def test_mjpeg_camera_killed_and_restarted(
             running.stop()
     assert running.error is None, f"Agent.run() raised {running.error!r}"
     assert running.summary is not None and running.summary.frames_processed > 0
-    assert reconnects == CYCLES
+    assert reconnects >= CYCLES  # a loaded machine may add a reconnect of its own
+    settle(subscriber)
     leftover = running.leftover_threads()
     assert leftover == [], f"agent threads still alive after stop: {leftover}"
     seen = distinct([s for _, s in states.seen()])
@@ -353,6 +369,8 @@ def test_mjpeg_camera_killed_and_restarted(
     assert statuses and statuses[-1] == "offline"
     FIGURES["kill_restart"] = {
         "cycles": CYCLES,
+        "setup": "server down ~1 s per cycle; camera open/read timeouts 2 s/1 s, reconnect backoff 0.2 s doubling "
+                 "to 1 s (so 'frames flowing again' includes up to one backoff wait); MJPEG at 10 fps, 640x360",
         "loss_published_after_kill": rounded(published_lost),
         "frames_flowing_after_restart": rounded(back),
         "streaming_published_after_restart": rounded(published_back),
@@ -418,6 +436,7 @@ def test_video_truncated_mid_frame(
     assert summary is not None and summary.frames_seen > 0
     raised = {a["alert_id"] for a in summary.alerts}
     assert raised, "no alert before the cut: the scenario or the cut point changed, the check is empty"
+    settle(subscriber, raised)
     delivered = {m.json()["alert_id"] for m in subscriber.on(f"{ROOT}/alert")}
     assert delivered == raised
     assert running.leftover_threads() == []
@@ -427,6 +446,8 @@ def test_video_truncated_mid_frame(
     states = distinct([s for _, s in CameraStates(subscriber).seen()])
     assert states[-1] == "ended"
     FIGURES["truncated_file"] = {
+        "setup": "small scenario re-encoded as AVI/MJPEG, cut halfway through frame 141 of 200, replayed as fast as "
+                 "possible with a 3 s dwell",
         "container": "AVI/MJPEG, cut in the middle of a JPEG, index (idx1) lost",
         "frames_in_file": len(starts),
         "frames_before_cut": keep_frames,
@@ -482,10 +503,14 @@ def test_mjpeg_camera_stalls_without_closing(
     assert running.error is None, f"Agent.run() raised {running.error!r}"
     leftover = running.leftover_threads()
     assert leftover == [], f"agent threads still alive after stop: {leftover}"
+    settle(subscriber)
     seen = distinct([s for _, s in states.seen()])
     assert seen[-1] == "ended"
     stats = running.agent.capture.stats
     FIGURES["stall"] = {
+        "setup": "first HTTP connection sends 3 s of frames then nothing (socket open); later ones stream; then all "
+                 "go silent and the agent is stopped; default open/read timeouts (5 s), stall window "
+                 "max(1 s, 10 frames / fps)",
         "stall_window_s": round(capture_stall_s, 3),
         "stalled_published_after_silence_s": round(stalled - silent_since, 3),
         "reconnect_request_after_silence_s": round(reconnect_request_s, 3),
