@@ -166,11 +166,11 @@ def proc_sample(pid: int) -> dict[str, Any]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return {
-        "rss_mb": int(status["VmRSS"].split()[0]) / 1024.0,
-        "hwm_mb": int(status["VmHWM"].split()[0]) / 1024.0,
+        "rss_mb": round(int(status["VmRSS"].split()[0]) / 1024.0, 3),
+        "hwm_mb": round(int(status["VmHWM"].split()[0]) / 1024.0, 3),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": len(os.listdir(f"/proc/{pid}/task")),
-        "cpu_s": (int(fields[11]) + int(fields[12])) / ticks,  # utime + stime (fields 14 and 15 of stat)
+        "cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2),  # utime + stime (fields 14 and 15 of stat)
     }
 
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                         sample["outbox_depth"] = outbox_depth(work / "outbox.sqlite")
                         metrics = listener.latest_metrics()
                         sample["camera_state"] = metrics["camera"]["state"] if metrics else None
-                        sample["load_1m"] = os.getloadavg()[0]
+                        sample["load_1m"] = round(os.getloadavg()[0], 2)
                         samples.append(sample)
                         bar.set_postfix_str(f"rss {sample['rss_mb']:.1f} MB, fds {sample['fds']}, "
                                             f"threads {sample['threads']}, alerts {len(listener.alert_ids)}")
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.setdefault("failures", []).append(f"agent exit code {agent_exit} (died early: {died_early})")
         summary["verdict"] = "fail"
     report = {"schema": "shelfsight.soak/1", "meta": meta, "summary": summary, "samples": samples}
-    (out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "soak.json").write_text(report_json(report))
     plot(samples, summary, meta, out / "soak.png")
     print(json.dumps({"meta": {k: meta[k] for k in ("agent_pid", "alerts_delivered", "frames_processed",
                                                        "agent_exit_code", "agent_stop_s")},
@@ -456,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: FAIL: {'; '.join(summary.get('failures', [])) or summary.get('verdict')}", file=sys.stderr)
         return 1
     return 0
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """Indented meta and summary, one line per sample (a 30-minute run has hundreds)."""
+    head = json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=1)
+    lines = ",\n".join("  " + json.dumps(sample) for sample in report["samples"])
+    return head[: head.rindex("}")].rstrip() + ',\n "samples": [\n' + lines + "\n ]\n}\n"
 
 
 def _stopped_line(log_text: str) -> tuple[int, int] | None:
