@@ -116,7 +116,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
         dotted = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, ValueError):  # not a YAML scalar: the text as given
             value = raw
         # Secrets stay strings even when they look like numbers.
         if dotted[-1] in {"password", "username"}:
