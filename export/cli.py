@@ -36,6 +36,10 @@ examples:
   export-model build-engine models/shelf-int8 --int8                 # on the Jetson: TensorRT engine
   export-model describe yolox_nano.onnx --format yolox --classes coco.names --channel-order BGR \\
       --pixel-scale 1 --letterbox-align top-left                    # manifest for a third-party ONNX
+  # INT8 of that third-party model without labels: gated on agreement with its own FP32 detections on the
+  # --calib-data images not used for calibration (or --agreement-data DIR); refused below --min-agreement 0.9
+  export-model --onnx yolox_nano.onnx --manifest manifest.json --int8 --calib-data photos/ --calib-images 12 \\
+      --float-leading-convs 2 --out models/yolox-int8
 
 subcommands (see 'export-model SUBCOMMAND --help'):
   train         train a detector on a YOLO-format data.yaml
@@ -70,7 +74,14 @@ def export_parser() -> argparse.ArgumentParser:
         epilog=EXPORT_EXAMPLES,
         formatter_class=_formatter,
     )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint (.pt) written by 'export-model train'")
+    parser.add_argument(
+        "checkpoint", type=Path, nargs="?", metavar="SOURCE",
+        help="checkpoint (.pt) written by 'export-model train'; with --int8 also an FP32 model folder / manifest.json",
+    )
+    parser.add_argument("--onnx", type=Path, help="with --int8: a third-party FP32 ONNX file (see --manifest)")
+    parser.add_argument(
+        "--manifest", type=Path, help="with --int8: the manifest.json describing the model ('export-model describe')"
+    )
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (model.onnx, manifest.json)")
     parser.add_argument("--imgsz", type=int, default=None, help="input size, multiple of 32 (default: checkpoint's)")
     parser.add_argument("--name", default=None, help="model name in the manifest (default: checkpoint file stem)")
@@ -165,8 +176,12 @@ def eval_parser() -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from shelfsight.export.int8_pipeline import int8_requested, run_int8_from_args
 
-    if int8_requested(args):
+    if int8_requested(args) or args.onnx is not None or args.manifest is not None:
+        if not args.int8:
+            raise ShelfSightError("--onnx / --manifest name a model to quantize: add --int8 --calib-data DIR")
         return run_int8_from_args(args, list(argv))
+    if args.checkpoint is None:
+        raise ShelfSightError("no checkpoint given (export-model CHECKPOINT --out DIR; see --help)")
     from shelfsight.export.data import IMAGE_SUFFIXES
     from shelfsight.export.onnx_export import ExportOptions, export_onnx
 

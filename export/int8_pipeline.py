@@ -14,6 +14,16 @@ that looks valid::
     OUT/report.json, report.md, report.png
     OUT/rejected/             INT8 variants whose mAP50 drop exceeded --max-map-drop, with a copy of the report
                               (the run then raises Int8GateError: non-zero exit)
+
+Accuracy gate, one rule per kind of source:
+
+- with labels (``--val-data data.yaml``, required for a checkpoint): each variant's mAP50 on the val split;
+  a variant fails when it loses more than ``--max-map-drop`` (default 0.01) against the model it was made from.
+- without labels (an exported / third-party model folder or manifest and no ``--val-data``): *agreement with FP32*,
+  the mAP50 of each variant against the FP32 model's own detections on held-out images (see
+  ``shelfsight.export.agreement``); an INT8 variant fails when its agreement is below ``--min-agreement``
+  (default 0.9). ``--max-map-drop`` is refused there, and ``--min-agreement`` / ``--agreement-data`` are refused
+  with labels: one gate per run, never a silently ignored flag.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shelfsight.calibration.cache import CalibMethodName, calibrate_tensor_ranges
 from shelfsight.calibration.images import CalibrationImageSet, select_calibration_images
 from shelfsight.calibration.reader import ImageCalibrationReader, calibration_digest
+from shelfsight.export.agreement import PSEUDO_TRUTH_CONF, AgreementSet
 from shelfsight.export.quantize import (
     Int8KernelReport,
     QuantizeOptions,
@@ -59,6 +70,7 @@ MODEL_FILENAME = "model.onnx"
 CALIBRATION_FILENAME = "calibration.json"
 REJECTED_DIR = "rejected"
 REPORT_FILES = ("report.json", "report.md", "report.png")
+DEFAULT_MIN_AGREEMENT = 0.9
 
 
 class Int8GateError(ShelfSightError):
@@ -80,7 +92,13 @@ class Int8ExportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     calib_data: Path = Field(description="image folder or data.yaml to calibrate on")
-    val_data: Path = Field(description="data.yaml whose val split scores every variant")
+    val_data: Path | None = Field(
+        default=None, description="data.yaml whose val split scores every variant; None: agreement with FP32"
+    )
+    agreement_data: Path | None = Field(default=None, description="held-out images for the agreement gate")
+    min_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    agreement_conf: float = Field(default=PSEUDO_TRUTH_CONF, gt=0.0, lt=1.0)
+    float_leading_convs: int = Field(default=0, ge=0)
     imgsz: int | None = Field(default=None, ge=32, multiple_of=32)
     name: str | None = None
     calib_method: CalibMethodName = "minmax"
@@ -93,7 +111,7 @@ class Int8ExportOptions(BaseModel):
     train_data: Path | None = None
     finetune_batch: int = Field(default=8, ge=1)
     finetune_lr: float = Field(default=0.001, gt=0)
-    max_map_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_map_drop: float = Field(default=0.01, ge=0.0, le=1.0)  # labels only (see _compatible)
     max_prune_drop: float | None = Field(default=None, ge=0.0, le=1.0)
     val_limit: int | None = Field(default=None, ge=1)
     latency_threads: int = Field(default=1, ge=1)
@@ -113,14 +131,42 @@ class Int8ExportOptions(BaseModel):
             raise ValueError("--max-prune-drop applies to a pruned variant: add --prune RATIO")
         if self.train_data is not None and not self.finetune_epochs:
             raise ValueError("--train-data is only used for fine-tuning: add --finetune-epochs N")
-        if self.val_data.suffix.lower() not in (".yaml", ".yml"):
+        if self.val_data is not None and self.val_data.suffix.lower() not in (".yaml", ".yml"):
             raise ValueError(f"--val-data must be a data.yaml, got {self.val_data}")
+        if self.labelled:
+            given = [f for f in ("agreement_data", "min_agreement") if getattr(self, f) is not None]
+            if "agreement_conf" in self.model_fields_set:
+                given.append("agreement_conf")
+            if given:
+                flags = " and ".join("--" + f.replace("_", "-") for f in given)
+                raise ValueError(
+                    f"{flags} set the agreement gate used without labels; with --val-data the gate is --max-map-drop"
+                )
+        else:
+            if "max_map_drop" in self.model_fields_set:
+                raise ValueError(
+                    "without --val-data the gate is agreement with FP32: use --min-agreement (default "
+                    f"{DEFAULT_MIN_AGREEMENT}) instead of --max-map-drop, or give labels with --val-data"
+                )
+            if self.prune is not None:
+                raise ValueError("--prune is scored on labels: add --val-data DATA_YAML")
         return self
+
+    @property
+    def labelled(self) -> bool:
+        """True: gate on mAP50 against labels; False: gate on agreement with the FP32 model."""
+        return self.val_data is not None
+
+    @property
+    def agreement_floor(self) -> float:
+        return self.min_agreement if self.min_agreement is not None else DEFAULT_MIN_AGREEMENT
 
     def quantize_options(self, target: Literal["cpu", "tensorrt"]) -> QuantizeOptions:
         if target == "tensorrt":
-            return QuantizeOptions.for_tensorrt(calib_method=self.calib_method)
-        return QuantizeOptions(calib_method=self.calib_method)
+            return QuantizeOptions.for_tensorrt(
+                calib_method=self.calib_method, float_leading_convs=self.float_leading_convs
+            )
+        return QuantizeOptions(calib_method=self.calib_method, float_leading_convs=self.float_leading_convs)
 
 
 # --- steps ---------------------------------------------------------------------------------------------------------
@@ -228,6 +274,7 @@ def describe_quantization(options: QuantizeStepOptions) -> str:
             (q.reduce_range, "reduce_range"),
             (q.float_tail, "float tail"),
             (q.float_stem, "float stem"),
+            (q.float_leading_convs, f"first {q.float_leading_convs} conv(s) float"),
             (q.share_concat_ranges, "shared concat ranges"),
         )
         if flag
@@ -273,13 +320,21 @@ def record_metrics(manifest_path: Path, metrics: Metrics) -> Path:
     return write_manifest(manifest.model_copy(update={"metrics": metrics}), manifest_path.parent)
 
 
-def apply_gate(results: list[VariantResult], max_map_drop: float, max_prune_drop: float | None = None) -> list[str]:
+def apply_gate(
+    results: list[VariantResult],
+    max_map_drop: float,
+    max_prune_drop: float | None = None,
+    min_agreement: float | None = None,
+) -> list[str]:
     """Mark each gated variant passed/failed -> names of the failed ones. ``results`` lists parents first.
 
     Each step's loss is bounded against the model it was made from: quantization (INT8 vs its FP32 parent) by
     ``max_map_drop``, pruning + fine-tuning (pruned FP32 vs the original) by ``max_prune_drop`` (default: the same).
     A variant made from a rejected model is rejected too, and one without a measured drop fails: an unmeasured
     model is not proven to be as accurate.
+
+    With ``min_agreement`` (no labels: ``map50`` is the agreement with FP32) an INT8 variant passes when its
+    agreement is at least ``min_agreement``; ``max_map_drop`` is not used then.
     """
     failed: list[str] = []
     for result in results:
@@ -288,7 +343,11 @@ def apply_gate(results: list[VariantResult], max_map_drop: float, max_prune_drop
         limit = max_map_drop if result.precision == "int8" else max_prune_drop
         limit = max_map_drop if limit is None else limit
         drop = result.map50_drop
-        result.passed = drop is not None and drop <= limit + 1e-9 and result.parent not in failed
+        if min_agreement is not None and result.precision == "int8":
+            ok = result.map50 is not None and result.map50 >= min_agreement - 1e-9
+        else:
+            ok = drop is not None and drop <= limit + 1e-9
+        result.passed = ok and result.parent not in failed
         if not result.passed:
             failed.append(result.name)
     return failed
@@ -486,7 +545,7 @@ def _pruned_variant(
     return variant
 
 
-def _metrics(variant: _Variant, val_data: Path) -> Metrics:
+def _metrics(variant: _Variant, validation_set: str) -> Metrics:
     own, parent = variant.evaluation, variant.parent.evaluation if variant.parent else None
     return Metrics(
         map50=round(own.map50, 5),
@@ -494,15 +553,22 @@ def _metrics(variant: _Variant, val_data: Path) -> Metrics:
         parent_map50=round(parent.map50, 5) if parent else None,
         parent_map50_95=round(parent.map50_95, 5) if parent else None,
         per_class_ap50={k: round(v, 5) for k, v in own.per_class_ap50.items()},
-        validation_set=str(val_data),
+        validation_set=validation_set,
         latency_ms=variant.result.latency.as_manifest() if variant.result.latency else {},
     )
 
 
 def build_and_measure(
-    source: ExportSource, staging: Path, images: CalibrationImageSet, options: Int8ExportOptions
-) -> list[_Variant]:
-    """Export every variant into ``staging``, then score and time them all the same way."""
+    source: ExportSource,
+    staging: Path,
+    images: CalibrationImageSet,
+    options: Int8ExportOptions,
+    agreement: AgreementSet | None = None,
+) -> tuple[list[_Variant], dict[str, Any]]:
+    """Export every variant into ``staging``, then score and time them all the same way.
+
+    -> the variants and a description of how accuracy was measured (labels, or agreement with FP32 on ``agreement``).
+    """
     if source.checkpoint is not None:
         fp32_options = Fp32StepOptions(source.imgsz, options.name, options.opset, options.command)
         fp32_manifest = export_fp32_step(source.checkpoint, staging / "fp32", fp32_options)
@@ -516,8 +582,24 @@ def build_and_measure(
         pruned = _pruned_variant(source.checkpoint, fp32, staging, source.imgsz, options)
         variants += [pruned, *_int8_variants(pruned, images, staging, options)]
 
+    if options.val_data is not None:
+        accuracy: dict[str, Any] = {"mode": "labels", "label": f"mAP on {options.val_data} (val split)"}
+        for variant in variants:
+            evaluation = EvaluateStepOptions(options.val_data, options.val_limit)
+            variant.evaluation = evaluate_step(variant.manifest, evaluation)
+    else:
+        from shelfsight.export import agreement as agree
+
+        assert agreement is not None  # run_int8_export picks the images before any work
+        truth = agree.pseudo_truth(fp32.manifest, agreement, options.agreement_conf)
+        accuracy = agree.describe(agreement, truth, options.agreement_conf)
+        for variant in variants:
+            variant.evaluation = agree.agreement_step(variant.manifest, agreement, truth)
+        fp32.result.notes.append(
+            f"agreement of FP32 with its own detections: mAP50 {fp32.evaluation.map50:.4f} (the ceiling)"
+        )
+        fp32.result.notes += agreement.notes()
     for variant in variants:
-        variant.evaluation = evaluate_step(variant.manifest, EvaluateStepOptions(options.val_data, options.val_limit))
         variant.result.map50 = variant.evaluation.map50
         variant.result.map50_95 = variant.evaluation.map50_95
         variant.result.parent_map50 = variant.parent.evaluation.map50 if variant.parent else None
@@ -530,7 +612,7 @@ def build_and_measure(
         variant.result.latency = latency
         if variant is not fp32 and fp32.result.latency:
             variant.result.notes.append(f"latency {latency.median_ms / fp32.result.latency.median_ms:.3f}x FP32")
-    return variants
+    return variants, accuracy
 
 
 def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) -> Path:
@@ -543,6 +625,8 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
 
     out = Path(out)
     source = ExportSource.open(Path(source_path), options)
+    if source.checkpoint is not None and options.val_data is None:
+        raise ShelfSightError(f"{source.path}: a checkpoint export is scored on labels: add --val-data DATA_YAML")
     # Every input is checked before any work, so a bad one costs seconds, not a whole export.
     for data, role in ((options.val_data, "validation"), (options.train_data, "fine-tuning")):
         names = load_data_yaml(data).names if data is not None else source.classes
@@ -552,26 +636,36 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     images = calibration_set_step(
         CalibrationStepOptions(options.calib_data, options.calib_images, options.calib_seed, options.calib_split)
     )
+    agreement = None
+    if not options.labelled:
+        from shelfsight.export.agreement import agreement_images
+
+        agreement = agreement_images(images, options.agreement_data, options.calib_split, options.val_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        variants = build_and_measure(source, staging, images, options)
+        variants, accuracy = build_and_measure(source, staging, images, options, agreement)
         results = [v.result for v in variants]
-        rejected = apply_gate(results, options.max_map_drop, options.max_prune_drop)
+        floor = None if options.labelled else options.agreement_floor
+        rejected = apply_gate(results, options.max_map_drop, options.max_prune_drop, floor)
+        validation_set = str(options.val_data) if options.labelled else _agreement_set_text(accuracy)
         for variant in variants:
-            record_metrics(variant.manifest, _metrics(variant, options.val_data))
+            record_metrics(variant.manifest, _metrics(variant, validation_set))
         if rejected:
             (staging / REJECTED_DIR).mkdir()
             for variant in variants:
                 if variant.result.name in rejected:
                     (staging / variant.result.name).rename(staging / REJECTED_DIR / variant.result.name)
                     variant.result.folder = f"{REJECTED_DIR}/{variant.result.name}"
-            verdict = f"REJECTED {', '.join(rejected)}: mAP50 lost beyond {_limits(options)}"
+            lost = "mAP50 lost beyond" if options.labelled else "agreement with FP32 (no labels) below"
+            verdict = f"REJECTED {', '.join(rejected)}: {lost} {_limits(options)}"
         else:
-            verdict = f"every variant within {_limits(options)}"
+            kept = "every variant within" if options.labelled else "agreement with FP32 (no labels) within"
+            verdict = f"{kept} {_limits(options)}"
         settings = options.model_dump(mode="json") | {
             "source": str(source.path),
             "source_sha256": source.sha256,
+            "accuracy": accuracy,
             "imgsz": source.imgsz,
             "calibration": {
                 "images": len(images),
@@ -580,7 +674,7 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
                 "source": str(images.source),
             },
         }
-        write_report(results, staging, settings, verdict)
+        write_report(results, staging, settings, verdict, accuracy)
         if rejected:
             for name in REPORT_FILES:
                 shutil.copyfile(staging / name, staging / REJECTED_DIR / name)
@@ -594,7 +688,16 @@ def run_int8_export(source_path: Path, out: Path, options: Int8ExportOptions) ->
     return out / "report.json"
 
 
+def _agreement_set_text(accuracy: dict[str, Any]) -> str:
+    return (
+        f"{accuracy['label']}: {accuracy['images']} image(s) of {accuracy['source']}, the FP32 model's "
+        f"{accuracy['pseudo_truth_boxes']} detections at conf >= {accuracy['pseudo_truth_conf']} as ground truth"
+    )
+
+
 def _limits(options: Int8ExportOptions) -> str:
+    if not options.labelled:
+        return f"--min-agreement {options.agreement_floor} (INT8 mAP50 against FP32's detections)"
     text = f"--max-map-drop {options.max_map_drop} mAP50 (INT8 vs its FP32 parent)"
     if options.prune is not None:
         prune = options.max_prune_drop if options.max_prune_drop is not None else options.max_map_drop
@@ -606,10 +709,11 @@ def summary_lines(report_json: Path) -> list[str]:
     """A few lines for the CLI to print after a run."""
     data = json.loads(report_json.read_text(encoding="utf-8"))
     lines = [data["verdict"]]
+    score = "agreement mAP50" if data.get("accuracy", {}).get("mode") == "agreement" else "mAP50"
     for v in data["variants"]:
         latency = v["latency"]["median_ms"] if v.get("latency") else None
         lines.append(
-            f"  {v['name']:<20} mAP50 {v['map50']:.4f}"
+            f"  {v['name']:<20} {score} {v['map50']:.4f}"
             + (f"  drop vs FP32 {v['map50_drop_vs_fp32']:+.4f}" if v.get("map50_drop_vs_fp32") is not None else "")
             + (f"  {latency:.2f} ms" if latency is not None else "")
         )
@@ -626,6 +730,13 @@ INT8 export (FP32 + INT8 + a TensorRT Q/DQ model, each scored on --val-data; ref
   export-model runs/shelf/best.pt --out models/shelf-pruned --int8 --calib-data data.yaml --val-data data.yaml \\
       --prune 0.3 --finetune-epochs 10 --train-data data.yaml
   export-model build-engine models/shelf-int8 --int8            # on the device with TensorRT (see build-engine -h)
+
+INT8 of a third-party FP32 ONNX model without labels (gate: agreement with the FP32 model's own detections on
+calibration-folder images not used for calibration, or on --agreement-data DIR; refused below --min-agreement 0.9):
+  export-model describe yolox_nano.onnx --format yolox --classes coco.names --channel-order BGR \
+      --pixel-scale 1 --letterbox-align top-left                   # writes manifest.json beside the model
+  export-model --onnx yolox_nano.onnx --manifest manifest.json --int8 --calib-data photos/ --calib-images 12 \
+      --float-leading-convs 2 --out models/yolox-int8               # 12 photos calibrate, the rest score
 """
 
 _INT8_ONLY_FLAGS = {
@@ -634,8 +745,11 @@ _INT8_ONLY_FLAGS = {
     "prune": None,
     "finetune_epochs": 0,
     "train_data": None,
-    "max_map_drop": 0.01,
+    "max_map_drop": None,
     "max_prune_drop": None,
+    "agreement_data": None,
+    "min_agreement": None,
+    "float_leading_convs": 0,
     "calib_method": "minmax",
     "calib_images": 300,
     "calib_cache": None,
@@ -650,11 +764,27 @@ def add_int8_arguments(parser: Any) -> None:
     group = parser.add_argument_group("INT8 export (with --int8)")
     group.add_argument("--int8", action="store_true", help="also quantize to INT8, evaluate every variant and gate")
     group.add_argument("--calib-data", type=Path, help="calibration images: a folder or a data.yaml (train split)")
-    group.add_argument("--val-data", type=Path, help="data.yaml whose val split scores every variant")
+    group.add_argument(
+        "--val-data", type=Path, help="data.yaml whose val split scores every variant (required for a checkpoint; "
+        "without it a model folder is gated on agreement with FP32)"
+    )
     group.add_argument("--calib-images", type=int, default=300, help="calibration images to use (default 300)")
     group.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     group.add_argument("--calib-cache", type=Path, help="calibration range cache (default ~/.cache/shelfsight)")
-    group.add_argument("--max-map-drop", type=float, default=0.01, help="max mAP50 loss vs FP32 (default 0.01)")
+    group.add_argument(
+        "--max-map-drop", type=float, help="with --val-data: max mAP50 loss vs FP32 (default 0.01)"
+    )
+    group.add_argument(
+        "--min-agreement", type=float, help="without --val-data: min INT8 mAP50 against FP32's detections (default 0.9)"
+    )
+    group.add_argument(
+        "--agreement-data", type=Path, metavar="DIR",
+        help="without --val-data: images to measure agreement on (default: --calib-data images not calibrated on)",
+    )
+    group.add_argument(
+        "--float-leading-convs", type=int, default=0, metavar="N",
+        help="keep the first N convolutions (and what precedes them) in float; 2 for YOLOX (default 0)",
+    )
     group.add_argument("--prune", type=float, metavar="RATIO", help="also export a channel-pruned variant (0-1)")
     group.add_argument("--max-prune-drop", type=float, help="max mAP50 loss of pruning (default: --max-map-drop)")
     group.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model N epochs")
@@ -682,12 +812,20 @@ def options_from_args(args: Any, command: str) -> Int8ExportOptions:
     for flag in ("parity_images", "include_checkpoint"):
         if getattr(args, flag, None):
             raise ShelfSightError(f"--{flag.replace('_', '-')} is not supported together with --int8")
-    if args.calib_data is None or args.val_data is None:
-        raise ShelfSightError("--int8 needs --calib-data (images or data.yaml) and --val-data (data.yaml)")
+    if args.calib_data is None:
+        raise ShelfSightError("--int8 needs --calib-data (an image folder or a data.yaml)")
+    # Flags left at their default are not passed, so a flag that does not fit the gate is an error only when given.
+    optional = {
+        name: getattr(args, name, None)
+        for name in ("max_map_drop", "min_agreement", "agreement_data")
+        if getattr(args, name, None) is not None
+    }
     try:
         return Int8ExportOptions(
+            **optional,
             calib_data=args.calib_data,
             val_data=args.val_data,
+            float_leading_convs=getattr(args, "float_leading_convs", 0),
             imgsz=args.imgsz,
             name=args.name,
             opset=args.opset,
@@ -697,7 +835,6 @@ def options_from_args(args: Any, command: str) -> Int8ExportOptions:
             prune=args.prune,
             finetune_epochs=args.finetune_epochs,
             train_data=args.train_data,
-            max_map_drop=args.max_map_drop,
             max_prune_drop=args.max_prune_drop,
             latency_runs=args.latency_runs,
             tensorrt_variant=not args.no_tensorrt_variant,
@@ -710,12 +847,41 @@ def options_from_args(args: Any, command: str) -> Int8ExportOptions:
         raise ShelfSightError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
+def source_from_args(args: Any) -> Path:
+    """The export source: the positional CHECKPOINT / model folder, or ``--onnx FILE`` and/or ``--manifest JSON``.
+
+    ``--manifest`` names the model it describes; ``--onnx`` alone uses the manifest.json beside it; given together,
+    the manifest's model artifact must be that file (its sha256 is checked when the source is opened).
+    """
+    onnx_file, manifest = getattr(args, "onnx", None), getattr(args, "manifest", None)
+    if args.checkpoint is not None:
+        if onnx_file is not None or manifest is not None:
+            raise ShelfSightError("give the source once: a positional SOURCE or --onnx/--manifest, not both")
+        return Path(args.checkpoint)
+    if onnx_file is None and manifest is None:
+        raise ShelfSightError("no source: give a checkpoint / model folder, or --onnx MODEL.onnx --manifest JSON")
+    if manifest is None:
+        manifest = Path(onnx_file).parent / MANIFEST_FILENAME
+        if not manifest.is_file():
+            raise ShelfSightError(
+                f"{onnx_file}: no {MANIFEST_FILENAME} beside it; write one with 'export-model describe' or give "
+                "--manifest"
+            )
+    if onnx_file is not None:
+        described = resolve_artifact(Path(manifest), load_manifest(manifest).artifact("model"))
+        if not Path(onnx_file).is_file():
+            raise ShelfSightError(f"{onnx_file}: --onnx file not found")
+        if described.resolve() != Path(onnx_file).resolve():
+            raise ShelfSightError(f"{manifest}: describes {described}, not the --onnx file {onnx_file}")
+    return Path(manifest)
+
+
 def run_int8_from_args(args: Any, argv: list[str]) -> int:
     """``export-model CHECKPOINT --int8 ...`` -> exit status (Int8GateError propagates as a ShelfSightError)."""
     import shlex
 
     options = options_from_args(args, "export-model " + shlex.join(argv))
-    report = run_int8_export(args.checkpoint, args.out, options)
+    report = run_int8_export(source_from_args(args), args.out, options)
     print("\n".join(summary_lines(report)))
     print(f"report: {report.with_suffix('.md')}")
     return 0

@@ -59,9 +59,20 @@ class QuantizeOptions(BaseModel):
     # The first convolution sees the raw image (3 input channels): as INT8 it is slower than the float NCHWc kernel
     # and it needs the whole input tensor quantized first. Measured on this CPU: the float stem saves ~15% latency.
     float_stem: bool = True
+    # Keep the first N convolutions (in graph order) in float, with every node before them and the activation after
+    # the last one, so no Q/DQ pair sits between a float conv and its activation. For networks whose early layers
+    # carry a wide-range signal that per-tensor 8-bit activations cannot hold: YOLOX-Nano's Focus stem (a conv on
+    # 0-255 pixels) and the depthwise conv after it lose most of the model's accuracy in INT8 (see
+    # docs/export/yolox-int8.md). 0: off.
+    float_leading_convs: int = Field(default=0, ge=0)
     # Give every input and the output of each Concat (and each Split's outputs and input) one shared range, so ORT's
     # QLinearConcat copies bytes instead of requantizing each input.
     share_concat_ranges: bool = True
+    # A convolution followed by SiLU (x * sigmoid(x), e.g. YOLOX, YOLOv5/v8) has its *pre-activation* output quantized,
+    # and that tensor's long negative tail (down to -100 in YOLOX-Nano), which SiLU squashes to ~0, would take most of
+    # the 8-bit range. Clipping its range at -silu_clip (|SiLU(x)| < silu_clip * exp(-silu_clip) below it) is the SiLU
+    # counterpart of what ORT does for ReLU, where the activation's range replaces the convolution's. None: off.
+    silu_clip: float | None = Field(default=6.0, gt=0.0)
     nodes_to_exclude: tuple[str, ...] = ()
     # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
     allowed_float_convs: int = Field(default=0, ge=0)
@@ -174,7 +185,31 @@ def excluded_nodes(model_path: str | Path, options: QuantizeOptions) -> list[str
         names.update(tail_nodes(model))
     if options.float_stem:
         names.update(stem_convs(model))
+    if options.float_leading_convs:
+        names.update(leading_nodes(model, options.float_leading_convs))
     return sorted(names)
+
+
+_ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Tanh", "Elu"})
+
+
+def leading_nodes(model: onnx.ModelProto, convs: int) -> list[str]:
+    """The first ``convs`` convolutions in graph (topological) order, every node before the last of them, and that
+    convolution's activation (``Sigmoid`` + ``Mul`` for SiLU, ``Relu``, ...): a float region at the model's input."""
+    nodes = list(model.graph.node)
+    positions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    if convs > len(positions):
+        raise QuantizationError(f"float_leading_convs={convs}, but the model has only {len(positions)} convolutions")
+    last = positions[convs - 1]
+    region = {nodes[i].name for i in range(last + 1)}
+    frontier = set(nodes[last].output)
+    constants = {init.name for init in model.graph.initializer}
+    for node in nodes[last + 1 :]:
+        data_inputs = {name for name in node.input if name and name not in constants}
+        if node.op_type in _ACTIVATION_OPS and data_inputs and data_inputs <= frontier:
+            region.add(node.name)
+            frontier |= set(node.output)
+    return sorted(name for name in region if name)
 
 
 def stem_convs(model: onnx.ModelProto) -> list[str]:
@@ -225,6 +260,40 @@ def shared_concat_ranges(model: onnx.ModelProto, calibration_cache: str | Path, 
     return overrides
 
 
+def silu_inputs(model: onnx.ModelProto) -> list[str]:
+    """Tensors ``x`` consumed only by a SiLU written as ``Mul(x, Sigmoid(x))`` (either input order)."""
+    consumers = _consumers(model.graph)
+    found = []
+    for name, users in consumers.items():
+        sigmoids = [n for n in users if n.op_type == "Sigmoid"]
+        if len(sigmoids) != 1:
+            continue
+        gate = sigmoids[0].output[0]
+        others = [n for n in users if n is not sigmoids[0]]
+        if others and all(n.op_type == "Mul" and sorted(n.input) == sorted([name, gate]) for n in others):
+            if all(n.op_type == "Mul" for n in consumers.get(gate, [])):
+                found.append(name)
+    return found
+
+
+def silu_input_ranges(
+    model: onnx.ModelProto, calibration_cache: str | Path, clip: float, skip_tensors: set[str]
+) -> dict[str, Any]:
+    """``TensorQuantOverrides`` raising each SiLU input's calibrated minimum to at least ``-clip``."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = load_tensors_data(calibration_cache).data
+    overrides: dict[str, Any] = {}
+    for tensor in silu_inputs(model):
+        if tensor in skip_tensors or tensor not in ranges:
+            continue
+        low = float(np.min(ranges[tensor].range_value[0]))
+        high = float(np.max(ranges[tensor].range_value[1]))
+        if low < -clip < high:
+            overrides[tensor] = [{"rmin": np.float32(-clip), "rmax": np.float32(high)}]
+    return overrides
+
+
 def quantize_qdq(
     preprocessed_onnx: str | Path,
     out_path: str | Path,
@@ -235,9 +304,14 @@ def quantize_qdq(
     out_path = Path(out_path)
     exclude = excluded_nodes(preprocessed_onnx, options)
     extra = options.extra_options()
+    overrides: dict[str, Any] = {}
+    model = onnx.load(str(preprocessed_onnx), load_external_data=False)
     if options.share_concat_ranges:
-        model = onnx.load(str(preprocessed_onnx), load_external_data=False)
-        extra["TensorQuantOverrides"] = shared_concat_ranges(model, calibration_cache, set(exclude))
+        overrides.update(shared_concat_ranges(model, calibration_cache, set(exclude)))
+    if options.silu_clip is not None:
+        overrides.update(silu_input_ranges(model, calibration_cache, options.silu_clip, set(overrides)))
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     try:
         quantize_static(
             str(preprocessed_onnx),

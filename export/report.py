@@ -140,19 +140,44 @@ def _ratio(result: VariantResult, baseline: VariantResult | None) -> str:
     return f"{result.latency.median_ms / baseline.latency.median_ms:.3f}"
 
 
-def render_markdown(results: Sequence[VariantResult], settings: dict[str, Any], verdict: str) -> str:
+def _is_agreement(accuracy: dict[str, Any] | None) -> bool:
+    return bool(accuracy) and accuracy.get("mode") == "agreement"  # type: ignore[union-attr]
+
+
+def render_markdown(
+    results: Sequence[VariantResult],
+    settings: dict[str, Any],
+    verdict: str,
+    accuracy: dict[str, Any] | None = None,
+) -> str:
     baseline = next((r for r in results if r.name == "fp32"), None)
     threads = next((r.latency.threads for r in results if r.latency is not None), None)
+    agreement = _is_agreement(accuracy)
+    if agreement:
+        assert accuracy is not None
+        scored = (
+            f"**Accuracy: {accuracy['label']}.** mAP50 / mAP50-95 below are each variant's agreement with the FP32 "
+            f"model: scored against FP32's own {accuracy['pseudo_truth_boxes']} detections (conf >= "
+            f"{accuracy['pseudo_truth_conf']}) on {accuracy['images']} image(s) of `{accuracy['source']}`"
+            + (" not used for calibration" if accuracy.get("held_out_from_calibration") else "")
+            + ". FP32 scored against itself is the ceiling (1.0, or a little less when its own lower-confidence "
+            "detections outrank pseudo-truth boxes); this is agreement, not accuracy on labels."
+        )
+    else:
+        scored = "mAP on the validation set (labels), runtime ORT backend."
+    prefix = "agreement " if agreement else ""
     lines = [
         "# ShelfSight export report",
         "",
         f"**Verdict:** {verdict}",
         "",
+        scored,
+        "",
         f"Latency: ONNX Runtime CPU, {threads} thread(s), median of the measured runs (see report.json), "
-        f"on `{platform.processor() or platform.machine()}`. mAP on the validation set, runtime ORT backend.",
+        f"on `{platform.processor() or platform.machine()}`.",
         "",
         "| variant | parent | precision | size (MB) | params | MACs (G) | latency median (ms) | min (ms) | x FP32 "
-        "| mAP50 | mAP50-95 | mAP50 drop vs parent | vs FP32 | gate |",
+        f"| {prefix}mAP50 | {prefix}mAP50-95 | mAP50 drop vs parent | vs FP32 | gate |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -172,7 +197,7 @@ def render_markdown(results: Sequence[VariantResult], settings: dict[str, Any], 
     return "\n".join(lines)
 
 
-def render_chart(results: Sequence[VariantResult], path: Path) -> Path:
+def render_chart(results: Sequence[VariantResult], path: Path, map_title: str = "mAP50") -> Path:
     """Three bar charts side by side: model size, latency, mAP50. Uses the Agg canvas: no display needed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -181,7 +206,7 @@ def render_chart(results: Sequence[VariantResult], path: Path) -> Path:
     panels = [
         ("model size (MB)", [r.model_bytes / 1e6 for r in results]),
         ("latency (ms, median)", [r.latency.median_ms if r.latency else 0.0 for r in results]),
-        ("mAP50", [r.map50 or 0.0 for r in results]),
+        (map_title, [r.map50 or 0.0 for r in results]),
     ]
     colors = ["#4c72b0" if r.precision == "fp32" else "#dd8452" for r in results]
     figure = Figure(figsize=(4.2 * len(panels), 3.6), dpi=100)
@@ -199,7 +224,7 @@ def render_chart(results: Sequence[VariantResult], path: Path) -> Path:
                 va="bottom",
                 fontsize=8,
             )
-        if title == "mAP50":
+        if title == map_title:
             axis.set_ylim(0, 1.05)
     figure.tight_layout()
     figure.savefig(path)
@@ -207,13 +232,20 @@ def render_chart(results: Sequence[VariantResult], path: Path) -> Path:
 
 
 def write_report(
-    results: Sequence[VariantResult], folder: str | Path, settings: dict[str, Any], verdict: str
+    results: Sequence[VariantResult],
+    folder: str | Path,
+    settings: dict[str, Any],
+    verdict: str,
+    accuracy: dict[str, Any] | None = None,
 ) -> tuple[Path, Path, Path]:
+    """``accuracy`` says how mAP was measured (``{"mode": "labels" | "agreement", "label": ...}``); it is written at
+    the top of report.json and report.md."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "schema": "shelfsight.export_report/1",
         "verdict": verdict,
+        "accuracy": accuracy or {"mode": "labels"},
         "machine": {
             "processor": platform.processor(),
             "machine": platform.machine(),
@@ -227,6 +259,7 @@ def write_report(
     json_path = folder / "report.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     md_path = folder / "report.md"
-    md_path.write_text(render_markdown(results, settings, verdict), encoding="utf-8")
-    png_path = render_chart(results, folder / "report.png")
+    md_path.write_text(render_markdown(results, settings, verdict, accuracy), encoding="utf-8")
+    title = "agreement mAP50 vs FP32 (no labels)" if _is_agreement(accuracy) else "mAP50"
+    png_path = render_chart(results, folder / "report.png", title)
     return json_path, md_path, png_path

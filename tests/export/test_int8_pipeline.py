@@ -284,7 +284,7 @@ class _Args:
             "prune": None,
             "finetune_epochs": 0,
             "train_data": None,
-            "max_map_drop": 0.01,
+            "max_map_drop": None,
             "max_prune_drop": None,
             "calib_method": "minmax",
             "calib_images": 300,
