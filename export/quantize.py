@@ -72,7 +72,7 @@ class QuantizeOptions(BaseModel):
     # and that tensor's long negative tail (down to -100 in YOLOX-Nano), which SiLU squashes to ~0, would take most of
     # the 8-bit range. Clipping its range at -silu_clip (|SiLU(x)| < silu_clip * exp(-silu_clip) below it) is the SiLU
     # counterpart of what ORT does for ReLU, where the activation's range replaces the convolution's. None: off.
-    silu_clip: float | None = Field(default=6.0, gt=0.0)
+    silu_clip: float | None = Field(default=None, gt=0.0)
     nodes_to_exclude: tuple[str, ...] = ()
     # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
     allowed_float_convs: int = Field(default=0, ge=0)
