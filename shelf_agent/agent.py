@@ -106,8 +106,10 @@ class RunSummary:
     frames_processed: int
     bad_frames: int
     alerts: list[dict[str, Any]]
+    """every alert raised, when the agent keeps them (``keep_alerts``); else empty"""
     wall_s: float
     source_s: float
+    alerts_raised: int = 0
 
     @property
     def fps(self) -> float:
@@ -117,9 +119,13 @@ class RunSummary:
 class Agent:
     """Owns the threads; ``run()`` blocks until the source ends or ``stop()`` (SIGTERM/SIGINT) is called."""
 
-    def __init__(self, config: AgentConfig, *, publish: bool = True) -> None:
+    def __init__(self, config: AgentConfig, *, publish: bool = True, keep_alerts: bool = True) -> None:
+        """``keep_alerts``: return every alert in ``RunSummary.alerts`` (evaluation, tests). A long-running agent
+        passes False and keeps only the count: they are in the journal and the outbox, and a list in memory would
+        grow with every alert for as long as it runs (~3 KB each)."""
         self.config = config
         self.publish = publish
+        self.keep_alerts = keep_alerts
         self._stop = threading.Event()
         self.layout = load_layout(config.layout) if config.layout is not None else None
         self.detector = open_detector(config)
@@ -164,7 +170,7 @@ class Agent:
         self.capture.start()
         min_interval = 1.0 / self.config.fps
         last_processed: float | None = None
-        seen = processed = 0
+        seen = processed = raised = 0
         first_ts: float | None = None
         last_ts = 0.0
         alerts: list[dict[str, Any]] = []
@@ -182,7 +188,10 @@ class Agent:
                     # The cap runs on source time, so a replay at any speed processes the same frames.
                     if last_processed is None or frame.timestamp_s - last_processed >= min_interval - 1e-6:
                         last_processed = frame.timestamp_s
-                        alerts.extend(self._process(frame))
+                        new_alerts = self._process(frame)
+                        raised += len(new_alerts)
+                        if self.keep_alerts:
+                            alerts.extend(new_alerts)
                         processed += 1
                         if self._states_changed():
                             next_state = 0.0
@@ -199,7 +208,7 @@ class Agent:
             self._shutdown(last_ts, time.monotonic() - last_metrics)
         bad = self.pipeline.bad_frames if self.pipeline else 0
         return RunSummary(seen, processed, bad, alerts, time.monotonic() - started,
-                          (last_ts - first_ts) if first_ts is not None else 0.0)
+                          (last_ts - first_ts) if first_ts is not None else 0.0, raised)
 
     def _process(self, frame: Frame) -> list[dict[str, Any]]:
         if self.pipeline is None:

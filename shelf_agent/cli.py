@@ -139,11 +139,11 @@ def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     config = load_agent_config(args.config, overrides_from_args(args))
     setup_logging(config.log_format, config.log_level)
-    agent = Agent(config, publish=not args.no_mqtt)
+    agent = Agent(config, publish=not args.no_mqtt, keep_alerts=False)  # runs for months: only the count
     agent.install_signal_handlers()
     summary = agent.run()
     log.info("stopped: %d frames seen, %d processed (%.1f fps), %d bad, %d alerts", summary.frames_seen,
-             summary.frames_processed, summary.fps, summary.bad_frames, len(summary.alerts))
+             summary.frames_processed, summary.fps, summary.bad_frames, summary.alerts_raised)
     return 0
 
 

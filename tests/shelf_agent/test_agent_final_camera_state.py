@@ -56,3 +56,31 @@ def test_a_camera_that_gives_up_publishes_failed(tmp_path: Path) -> None:
                                    "capture": {"max_reconnect_attempts": 1}})
     assert metrics, "no metrics at all"
     assert metrics[-1]["camera"]["state"] == "failed"
+
+
+def test_a_long_running_agent_keeps_only_the_alert_count(tmp_path: Path, small_scenario: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """RunSummary.alerts used to hold every alert for as long as the agent ran (~3 KB each: +6.8 MB RSS in a 30-minute
+    soak with 2293 alerts). `shelf-agent` now keeps only the count; evaluation still gets every alert."""
+    import shelfsight.shelf_agent.agent as agent_module
+    from shelfsight.shelf_agent.cli import main
+
+    camera = {"source": str(small_scenario / "video.mp4"), "capture": {"replay": "as_fast_as_possible"}}
+    overrides = {"camera": camera, "layout": str(small_scenario / "layout.yaml"),
+                 "outbox": {"path": str(tmp_path / "kept.sqlite")}, "journal": str(tmp_path / "kept-journal.sqlite")}
+    kept = Agent(load_agent_config(None, overrides, environ={}), publish=False).run()
+    assert kept.alerts and kept.alerts_raised == len(kept.alerts)
+
+    summaries: list[Any] = []
+    real_run = agent_module.Agent.run
+
+    def recording_run(self: Agent) -> Any:
+        summaries.append(real_run(self))
+        return summaries[-1]
+
+    monkeypatch.setattr(agent_module.Agent, "run", recording_run)
+    code = main(["--camera", str(small_scenario / "video.mp4"), "--as-fast-as-possible", "--no-mqtt",
+                 "--layout", str(small_scenario / "layout.yaml"), "--outbox", str(tmp_path / "cli.sqlite"),
+                 "--journal", str(tmp_path / "cli-journal.sqlite")])
+    assert code == 0
+    assert summaries[0].alerts == [] and summaries[0].alerts_raised == kept.alerts_raised
