@@ -12,6 +12,7 @@ recorded with the figures, so read absolute rates (frames, alerts) with that in 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -255,12 +256,30 @@ def plot(samples: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str,
     import matplotlib.pyplot as plt
 
     minutes = [s["t_s"] / 60.0 for s in samples]
-    panels = [("rss_mb", "RSS (MB)"), ("fds", "open fds"), ("threads", "threads"), ("outbox_depth", "outbox depth")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 8.5), sharex=True)
+    panels = [("rss_mb", "RSS (MB)"), ("fds", "open fds"), ("threads", "threads"), ("outbox_depth", "outbox depth"),
+              ("cpu_pct", "agent CPU %")]
+    # The agent's CPU share (from its utime + stime) shows how hard the shared machine let it work.
+    cpu_pct = [float("nan")] + [
+        100.0 * (b["cpu_s"] - a["cpu_s"]) / (b["t_s"] - a["t_s"]) if b["t_s"] > a["t_s"] else float("nan")
+        for a, b in itertools.pairwise(samples)
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)
     for ax, (key, label) in zip(axes, panels, strict=True):
-        values = [s.get(key) if s.get(key) is not None else float("nan") for s in samples]
-        ax.plot(minutes, values, lw=1.2, drawstyle="steps-post" if key != "rss_mb" else "default")
+        if key == "cpu_pct":
+            values = cpu_pct
+        else:
+            values = [s.get(key) if s.get(key) is not None else float("nan") for s in samples]
+        ax.plot(minutes, values, lw=1.2 if key != "cpu_pct" else 0.8,
+                drawstyle="steps-post" if key in ("fds", "threads", "outbox_depth") else "default")
+        if key == "cpu_pct":
+            load = ax.twinx()
+            load.plot(minutes, [s.get("load_1m", float("nan")) for s in samples], color="tab:orange", lw=0.8)
+            load.set_ylabel("machine load (1 min)", color="tab:orange", fontsize=8)
         ax.set_ylabel(label)
+        after = [v for s, v in zip(samples, values, strict=True) if s["t_s"] >= meta["warmup_minutes"] * 60 and v == v]
+        if key == "rss_mb" and after:  # zoomed on the post-warm-up range, where growth would show
+            ax.set_ylim(min(after) - 3, max(after) + 3)
+            ax.set_ylabel("RSS (MB)\nafter warm-up")
         ax.axvline(meta["warmup_minutes"], color="grey", ls="--", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].annotate("warm-up", (meta["warmup_minutes"], 0.02), xycoords=("data", "axes fraction"), fontsize=8,
@@ -317,7 +336,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=REPO / "out" / "scenarios", help="where scenarios are rendered")
     p.add_argument("--metrics-s", type=float, default=5.0, help="the agent's metrics interval (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--replot", type=Path, metavar="SOAK_JSON", help="only redraw soak.png next to this soak.json")
     args = p.parse_args(argv)
+    if args.replot:
+        return args
     if args.minutes <= 0 or args.warmup_minutes < 0 or args.warmup_minutes >= args.minutes:
         p.error("need --minutes > --warmup-minutes >= 0")
     if args.sample_s is None:
@@ -331,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     from shelfsight.shelf_agent.evaluate import rendered_scenario
 
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        plot(report["samples"], report["summary"], report["meta"], args.replot.with_suffix(".png"))
+        print(f"soak: wrote {args.replot.with_suffix('.png')}")
+        return 0
     scenario = args.scenario or longest_scenario()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
