@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import sqlite3
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from shelfsight.shelf_agent.agent import Agent, RunSummary
 from shelfsight.shelf_agent.config import AgentConfig, deep_merge, load_agent_config
 
 ROOT = "shelfsight/demo-store/cam-1"
@@ -84,93 +81,6 @@ def make_agent_config(tmp_path: Path, scenario: Path, host: str, port: int, *, l
 def agent_config() -> Callable[..., AgentConfig]:
     """``agent_config(tmp_path, scenario, host, port, loop=True, **overrides) -> AgentConfig``."""
     return make_agent_config
-
-
-class AgentThread:
-    """``Agent.run()`` on a background thread (the agent's own threads stay as in production)."""
-
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = Agent(config)
-        self.summary: RunSummary | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="agent-run", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.agent.run()
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-
-    def stop(self, timeout: float = 30.0) -> RunSummary:
-        self.agent.stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "agent did not stop"
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-
-@pytest.fixture
-def agent_thread() -> Iterator[Callable[[AgentConfig], AgentThread]]:
-    """``agent_thread(config) -> AgentThread`` (running); any still running at teardown is stopped."""
-    started: list[AgentThread] = []
-
-    def start(config: AgentConfig) -> AgentThread:
-        running = AgentThread(config)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        if running.thread.is_alive():
-            running.agent.stop()
-            running.thread.join(30)
-
-
-class AgentProcess:
-    """One `shelf-agent` process; stderr goes to a file so a failing test can show it."""
-
-    def __init__(self, command: list[str], folder: Path, args: list[str], env: dict[str, str] | None, name: str):
-        self.log_path = folder / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=self._log,
-                                     env={**os.environ, **(env or {})})
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(f"shelf-agent did not exit within {timeout} s:\n{self.log()[-3000:]}") from None
-        finally:
-            self._log.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
-
-
-@pytest.fixture
-def agent_process(shelf_agent_command: list[str]) -> Iterator[Callable[..., AgentProcess]]:
-    """``agent_process(folder, args, env=None, name="agent") -> AgentProcess``; killed at teardown if running."""
-    started: list[AgentProcess] = []
-
-    def start(folder: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent") -> AgentProcess:
-        process = AgentProcess(shelf_agent_command, folder, args, env, name)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.close()
 
 
 # ------------------------------------------------------------------------------------------------ SQLite, read-only

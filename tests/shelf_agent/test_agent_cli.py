@@ -41,51 +41,6 @@ ROOT = "shelfsight/demo-store/cam-1"
 SECRET = "Pw-9f8e7d6c5b4a"
 
 
-class AgentProcess:
-    """One `shelf-agent` process; stderr goes to a file so a failing test can show it."""
-
-    def __init__(self, command: list[str], tmp_path: Path, args: list[str], env: dict[str, str] | None = None,
-                 name: str = "agent"):
-        self.log_path = tmp_path / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([*command, *args], stdout=subprocess.DEVNULL, stderr=self._log,
-                                     env={**os.environ, **(env or {})})
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(f"shelf-agent did not exit within {timeout} s:\n{self.log()[-3000:]}") from None
-        finally:
-            self._log.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
-
-
-@pytest.fixture
-def agents(shelf_agent_command: list[str]) -> Any:
-    started: list[AgentProcess] = []
-
-    def start(tmp_path: Path, args: list[str], env: dict[str, str] | None = None, name: str = "agent"
-              ) -> AgentProcess:
-        process = AgentProcess(shelf_agent_command, tmp_path, args, env, name)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.close()
-
-
 def run_args(scenario: Path, tmp_path: Path, broker: Any, *extra: str, realtime: bool = False) -> list[str]:
     return ["--camera", str(scenario / "video.mp4"), "--layout", str(scenario / "layout.yaml"),
             "--realtime" if realtime else "--as-fast-as-possible", "--fps", "5", "--dwell", "2",
@@ -130,14 +85,14 @@ def status_is(state: str, reason: str) -> Callable[[list[Any]], bool]:
 
 def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothing_twice(
         small_scenario: Path, render_scenario: Callable[[str], Path], shelf_agent_command: list[str], tmp_path: Path,
-        mosquitto_broker: Any, mqtt_subscriber: Any, agents: Any) -> None:
+        mosquitto_broker: Any, mqtt_subscriber: Any, agent_process: Any) -> None:
     afterwards = render_scenario(AFTERWARDS)
     assert load_layout(afterwards / "layout.yaml").slots == load_layout(small_scenario / "layout.yaml").slots
     broker = mosquitto_broker()
     broker.stop()
     outbox, journal = tmp_path / "outbox.sqlite", tmp_path / "journal.sqlite"
 
-    first = agents(tmp_path, run_args(small_scenario, tmp_path, broker), name="first")
+    first = agent_process(tmp_path, run_args(small_scenario, tmp_path, broker), name="first")
     stored_alert = "SELECT 1 FROM messages WHERE kind = 'alert'"
     wait_until(lambda: bool(query(outbox, stored_alert)) or first.proc.poll() is not None, 90, "an alert in the outbox")
     assert first.proc.poll() is None, f"agent ended before the kill:\n{first.log()[-2000:]}"
@@ -150,7 +105,7 @@ def test_sigkill_during_outage_then_restart_delivers_everything_and_raises_nothi
 
     broker.start()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
-    second = agents(tmp_path, run_args(afterwards, tmp_path, broker), name="second")
+    second = agent_process(tmp_path, run_args(afterwards, tmp_path, broker), name="second")
     assert second.wait(90) == 0, second.log()[-3000:]
     assert sub.wait_for(status_is("offline", "clean_stop"), 15), second.log()[-3000:]
 
@@ -187,10 +142,10 @@ LOOP = {"SHELFSIGHT__CAMERA__CAPTURE__LOOP": "true"}  # a live-like source that 
 
 
 def test_sigkill_leaves_the_will_offline_connection_lost(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any,
-                                                         mqtt_subscriber: Any, agents: Any) -> None:
+                                                         mqtt_subscriber: Any, agent_process: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/status")
-    agent = agents(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
+    agent = agent_process(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
     assert sub.wait_for(status_is("online", "connected"), 60), agent.log()[-3000:]
     agent.proc.send_signal(signal.SIGKILL)
     assert agent.wait(10) == -signal.SIGKILL
@@ -203,10 +158,10 @@ def test_sigkill_leaves_the_will_offline_connection_lost(small_scenario: Path, t
 
 
 def test_sigterm_stops_cleanly(small_scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any,
-                               agents: Any) -> None:
+                               agent_process: Any) -> None:
     broker = mosquitto_broker()
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#")
-    agent = agents(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
+    agent = agent_process(tmp_path, run_args(small_scenario, tmp_path, broker, realtime=True), env=LOOP)
     assert sub.wait_for(lambda ms: status_is("online", "connected")(ms) and any(m.topic == f"{ROOT}/state"
                                                                                  for m in ms), 60), agent.log()[-3000:]
     agent.proc.send_signal(signal.SIGTERM)
@@ -273,19 +228,19 @@ def test_bad_input_is_one_line_and_exit_2(case: str, small_scenario: Path, tmp_p
 
 def test_password_from_environment_is_used_and_never_logged(small_scenario: Path, tmp_path: Path,
                                                             mosquitto_broker: Any, mqtt_password_file: Any,
-                                                            mqtt_subscriber: Any, agents: Any) -> None:
+                                                            mqtt_subscriber: Any, agent_process: Any) -> None:
     passwords = mqtt_password_file({"agent": SECRET, "viewer": "viewer-pw"})
     broker = mosquitto_broker([f"password_file {passwords}", "allow_anonymous false"])
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/#", username="viewer", password="viewer-pw")
     env = {"SHELFSIGHT__MQTT__USERNAME": "agent"}
     args = run_args(small_scenario, tmp_path, broker, "--log-level", "DEBUG", "--log-format", "json")
 
-    wrong = agents(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET[::-1]}, name="wrong")
+    wrong = agent_process(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET[::-1]}, name="wrong")
     assert wrong.wait(90) == 0
     assert "refused the connection" in wrong.log()
     assert not sub.on(f"{ROOT}/alert")
 
-    right = agents(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET}, name="right")
+    right = agent_process(tmp_path, args, env={**env, "SHELFSIGHT__MQTT__PASSWORD": SECRET}, name="right")
     assert right.wait(90) == 0, right.log()[-3000:]
     assert sub.wait_for(status_is("offline", "clean_stop"), 15)
     assert sub.on(f"{ROOT}/alert"), "authenticated agent delivered nothing"  # the alerts kept from the refused run

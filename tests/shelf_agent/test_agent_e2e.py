@@ -7,7 +7,6 @@ Every wait is bounded; nothing asserts on speed.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from itertools import pairwise
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shelfsight.shelf_agent.agent import Agent, RunSummary
+from shelfsight.shelf_agent.agent import Agent
 from shelfsight.shelf_agent.config import AgentConfig, deep_merge, load_agent_config
 from shelfsight.shelf_agent.events import validate_payload
 from shelfsight.shelf_agent.layout import load_layout
@@ -158,34 +157,8 @@ def test_end_to_end_alerts_state_status_metrics_snapshots(small_scenario: Path, 
 
 # ------------------------------------------------------------------------------------------------ 2. broker outages
 
-class AgentThread:
-    """``Agent.run()`` on a background thread (the agent's own threads stay as in production)."""
-
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = Agent(config)
-        self.summary: RunSummary | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.agent.run()
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-
-    def stop(self, timeout: float = 30.0) -> RunSummary:
-        self.agent.stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "agent did not stop"
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-
 def test_no_alert_lost_when_the_broker_is_down_at_start_and_killed_mid_run(
-        small_scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any) -> None:
+        small_scenario: Path, tmp_path: Path, mosquitto_broker: Any, mqtt_subscriber: Any, agent_thread: Any) -> None:
     broker = mosquitto_broker(persistence=True)
     # A persistent subscriber: the broker keeps its subscription and queues for it across restarts.
     sub = mqtt_subscriber(broker.host, broker.port, f"{ROOT}/alert", client_id="backoffice", persistent=True)
@@ -193,7 +166,7 @@ def test_no_alert_lost_when_the_broker_is_down_at_start_and_killed_mid_run(
 
     journal = tmp_path / "journal.sqlite"
     # The video loops, so alerts keep coming (every loop the shelf is full again) until we stop the agent.
-    running = AgentThread(agent_config(tmp_path, small_scenario, broker, loop=True))
+    running = agent_thread(agent_config(tmp_path, small_scenario, broker, loop=True))
     try:
         wait_until(lambda: len(journal_ids(journal)) >= 1, 60, "a first alert while the broker is down")
         broker.start()
