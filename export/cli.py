@@ -27,11 +27,11 @@ examples:
   export-model train --data sim_data/data.yaml --out runs/shelf --epochs 60 --imgsz 320 --batch 16
   export-model eval models/shelf-320 --data sim_data/data.yaml
 
-  # FP32 + INT8 (+ a 30 % channel-pruned, fine-tuned pair), each scored on the val set; INT8 refused if it
-  # loses more than 0.01 mAP50 against FP32
+  # FP32 + INT8 (+ a 20 % channel-pruned, fine-tuned pair), each scored on the val set; INT8 refused if it
+  # loses more than 0.01 mAP50 against its FP32 parent, the pruned model if it loses more than that against FP32
   export-model runs/shelf/best.pt --int8 --calib-data sim_data/images/train --val-data sim_data/data.yaml \\
       --out models/shelf-int8 --calib-images 300 --calib-method percentile
-  export-model runs/shelf/best.pt --int8 --prune 0.3 --finetune-epochs 5 --train-data sim_data/data.yaml \\
+  export-model runs/shelf/best.pt --int8 --prune 0.2 --finetune-epochs 8 --train-data sim_data/data.yaml \\
       --calib-data sim_data/data.yaml --val-data sim_data/data.yaml --out models/shelf-int8-pruned
   export-model build-engine models/shelf-int8 --int8                 # on the Jetson: TensorRT engine
   export-model describe yolox_nano.onnx --format yolox --classes coco.names --channel-order BGR \\
@@ -88,7 +88,7 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, the newest TensorRT 8.6 reads)")
     parser.add_argument("--parity-images", type=Path, default=None, help="folder of images for the parity check")
     parser.add_argument("--include-checkpoint", action="store_true", help="copy the checkpoint into the folder")
-    from shelfsight.export.int8_pipeline import add_int8_arguments
+    from shelfsight.export.int8_cli import add_int8_arguments
 
     add_int8_arguments(parser)
     return parser
@@ -174,7 +174,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from shelfsight.export.int8_pipeline import int8_requested, run_int8_from_args
+    from shelfsight.export.int8_cli import int8_requested, run_int8_from_args
 
     if int8_requested(args) or args.onnx is not None or args.manifest is not None:
         if not args.int8:

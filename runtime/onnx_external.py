@@ -73,7 +73,7 @@ def _tensor_location(data: memoryview) -> tuple[str, str | None]:
     name, location, external = "", None, False
     for number, wire, value in _fields(data):
         if wire == 2 and number == _TENSOR_NAME:
-            name = bytes(value).decode("utf-8", "replace")  # type: ignore[arg-type]
+            name = bytes(value).decode("utf-8", "replace")
         elif wire == 2 and number == _TENSOR_EXTERNAL:
             entry = {n: bytes(v).decode("utf-8", "replace") for n, w, v in _fields(value) if w == 2}  # type: ignore[arg-type]
             if entry.get(1) == "location":

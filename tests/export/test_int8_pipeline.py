@@ -19,6 +19,7 @@ import torch
 
 from shelfsight.calibration.images import select_calibration_images
 from shelfsight.calibration.reader import calibration_digest
+from shelfsight.export.int8_cli import int8_requested, options_from_args
 from shelfsight.export.int8_pipeline import (
     REJECTED_DIR,
     Int8ExportOptions,
@@ -26,8 +27,6 @@ from shelfsight.export.int8_pipeline import (
     OutputFolderError,
     apply_gate,
     check_output_folder,
-    int8_requested,
-    options_from_args,
     run_int8_export,
 )
 from shelfsight.export.model import load_checkpoint
