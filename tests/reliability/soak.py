@@ -459,7 +459,6 @@ def main(argv: list[str] | None = None) -> int:
         **delivered,
         "frames_seen": frames[0] if frames else None,
         "frames_processed": frames[1] if frames else None,
-        "frames_processed_from_metrics": round(sum(m["fps"] * m["interval_s"] for m in metrics)),
         "camera_reconnects": metrics[-1]["camera"]["reconnects"] if metrics else None,
         "dropped_frames": metrics[-1]["dropped_frames"] if metrics else None,
         "outbox_dropped": metrics[-1]["outbox"]["dropped"] if metrics else None,
