@@ -19,6 +19,7 @@ import torch
 
 from shelfsight.calibration.images import select_calibration_images
 from shelfsight.calibration.reader import calibration_digest
+from shelfsight.export.cli import export_parser
 from shelfsight.export.int8_cli import int8_requested, options_from_args
 from shelfsight.export.int8_pipeline import (
     REJECTED_DIR,
@@ -265,59 +266,31 @@ def test_incompatible_options_are_errors(changes: dict[str, object], message: st
         Int8ExportOptions(**values)
 
 
-class _Args:
-    """What argparse produces for ``export-model CHECKPOINT ...`` with the INT8 flags added."""
-
-    def __init__(self, **given: object) -> None:
-        defaults: dict[str, object] = {
-            "checkpoint": Path("best.pt"),
-            "out": Path("out"),
-            "imgsz": None,
-            "name": None,
-            "opset": 17,
-            "parity_images": None,
-            "include_checkpoint": False,
-            "int8": False,
-            "calib_data": None,
-            "val_data": None,
-            "prune": None,
-            "finetune_epochs": 0,
-            "train_data": None,
-            "max_map_drop": None,
-            "max_prune_drop": None,
-            "calib_method": "minmax",
-            "calib_images": 300,
-            "calib_cache": None,
-            "force": False,
-            "latency_runs": 50,
-            "no_tensorrt_variant": False,
-        }
-        self.__dict__.update(defaults | given)
+def parsed(*flags: str) -> Any:
+    """What ``export-model best.pt --out out FLAGS`` parses to, through the real parser."""
+    return export_parser().parse_args(["best.pt", "--out", "out", *flags])
 
 
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({"prune": 0.3}, "--prune only applies to an INT8 export: add --int8"),
-        ({"int8": True, "val_data": Path("d.yaml")}, "--int8 needs --calib-data"),
+        (["--prune", "0.3"], "--prune only applies to an INT8 export: add --int8"),
+        (["--int8", "--val-data", "d.yaml"], "--int8 needs --calib-data"),
         (
-            {"int8": True, "calib_data": Path("c"), "val_data": Path("d.yaml"), "include_checkpoint": True},
+            ["--int8", "--calib-data", "c", "--val-data", "d.yaml", "--include-checkpoint"],
             "--include-checkpoint is not supported together with --int8",
         ),
-        (
-            {"int8": True, "calib_data": Path("c"), "val_data": Path("d.yaml"), "finetune_epochs": 2},
-            "add --prune RATIO",
-        ),
+        (["--int8", "--calib-data", "c", "--val-data", "d.yaml", "--finetune-epochs", "2"], "add --prune RATIO"),
     ],
 )
-def test_cli_flags_are_checked(given: dict[str, object], message: str) -> None:
-    args = _Args(**given)
+def test_cli_flags_are_checked(given: list[str], message: str) -> None:
+    args = parsed(*given)
     assert int8_requested(args)
     with pytest.raises(ShelfSightError, match=message):
         options_from_args(args, "export-model ...")
 
 
 def test_plain_export_is_not_an_int8_request() -> None:
-    assert not int8_requested(_Args())
-    options = options_from_args(_Args(int8=True, calib_data=Path("c"), val_data=Path("d.yaml")), "cmd")
+    assert not int8_requested(parsed())
+    options = options_from_args(parsed("--int8", "--calib-data", "c", "--val-data", "d.yaml"), "cmd")
     assert options.calib_images == 300 and options.max_map_drop == 0.01 and options.tensorrt_variant
