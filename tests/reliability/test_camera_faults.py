@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import cv2
 import pytest
+from mjpeg_server import MjpegServer
 
 from shelfsight.shelf_agent.agent import Agent, RunSummary
 from shelfsight.shelf_agent.config import load_agent_config
@@ -56,86 +55,6 @@ def report() -> Iterator[dict[str, Any]]:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "camera_faults.json").write_text(json.dumps(FIGURES, indent=1) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ MJPEG server
-class MjpegServer:
-    """multipart/x-mixed-replace JPEG server looping `jpegs` at SERVER_FPS.
-
-    `silent_after`: every connection numbered in `silent_connections` sends that many frames and then nothing,
-    keeping the socket open (a camera whose encoder hung). `requests` counts GETs with their monotonic time."""
-
-    def __init__(self, jpegs: list[bytes], port: int = 0) -> None:
-        self.jpegs, self.port = jpegs, port
-        self.silent_after = 0
-        self.silent_connections: set[int] = set()
-        self.silent_all = False
-        self.requests: list[float] = []
-        self.silent_since: float | None = None
-        self._closing = threading.Event()
-        self._clients: list[socket.socket] = []
-        self._httpd: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/video.mjpg"
-
-    def start(self) -> MjpegServer:
-        server = self
-        self._closing.clear()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                number = len(server.requests)
-                server.requests.append(time.monotonic())
-                server._clients.append(self.connection)
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                sent = 0
-                try:
-                    while not server._closing.is_set():
-                        silent = server.silent_all or (
-                            number in server.silent_connections and sent >= server.silent_after
-                        )
-                        if silent:
-                            if server.silent_since is None:
-                                server.silent_since = time.monotonic()
-                            server._closing.wait(0.05)
-                            continue
-                        jpeg = server.jpegs[sent % len(server.jpegs)]
-                        head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                        self.wfile.write(head.encode() + jpeg + b"\r\n")
-                        self.wfile.flush()
-                        sent += 1
-                        server._closing.wait(1.0 / SERVER_FPS)
-                except OSError:
-                    pass  # the client went away
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, name="mjpeg-server", daemon=True).start()
-        return self
-
-    def kill(self) -> None:
-        """Drop every connection and stop listening, as a camera losing power would."""
-        self._closing.set()
-        if self._httpd is None:
-            return
-        self._httpd.shutdown()
-        for client in self._clients:
-            try:
-                client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            client.close()
-        self._clients.clear()
-        self._httpd.server_close()
-        self._httpd = None
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +242,7 @@ def test_mjpeg_camera_killed_and_restarted(
     broker = mosquitto_broker()
     subscriber = timed_subscriber(broker.port)
     states = CameraStates(subscriber)
-    servers.append(MjpegServer(scenario_jpegs).start())
+    servers.append(MjpegServer(scenario_jpegs, fps=SERVER_FPS).start())
     port = servers[0].port
     running = RunningAgent(agent_overrides(tmp_path, servers[0].url, small_scenario / "layout.yaml", broker.port))
     published_lost: list[float] = []
@@ -343,7 +262,7 @@ def test_mjpeg_camera_killed_and_restarted(
             time.sleep(1.0)  # a few refused reopen attempts
             frames_before = running.frames_read()
             restarted_at = time.monotonic()
-            servers.append(MjpegServer(scenario_jpegs, port=port).start())
+            servers.append(MjpegServer(scenario_jpegs, fps=SERVER_FPS, port=port).start())
             flowing = running.wait_frames(frames_before, timeout=30)
             assert flowing is not None, "no frame read after the camera came back"
             back.append(flowing - restarted_at)
@@ -470,7 +389,7 @@ def test_mjpeg_camera_stalls_without_closing(
     broker = mosquitto_broker()
     subscriber = timed_subscriber(broker.port)
     states = CameraStates(subscriber)
-    server = MjpegServer(scenario_jpegs)
+    server = MjpegServer(scenario_jpegs, fps=SERVER_FPS)
     server.silent_connections = {0}  # the first connection hangs after a few seconds; later ones stream
     server.silent_after = int(3 * SERVER_FPS)
     servers.append(server.start())

@@ -6,21 +6,21 @@ Figures worth reporting (reconnect time, hand-off overhead) are printed: run wit
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import random
 import shutil
-import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from mjpeg_server import MjpegServer
 
 from shelfsight.shelf_agent.capture import (
     CameraState,
@@ -247,72 +247,17 @@ def test_mp4_cut_before_its_index_is_refused_at_start(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ MJPEG over HTTP
-class MjpegServer:
-    """A real multipart/x-mixed-replace JPEG server.
+@functools.cache
+def stripe_jpegs() -> list[bytes]:
+    """Frames 0..255 as JPEGs of their id stripes, for the MJPEG server to loop."""
+    return [cv2.imencode(".jpg", encode_frame(i))[1].tobytes() for i in range(256)]
 
-    behaviour: 'stream' (frames at `fps`), 'headers_only' (200 + headers, then nothing),
-    'frames_then_silence' (three frames, then nothing, connection kept open)."""
 
-    def __init__(self, behaviour: str = "stream", fps: float = 25.0, port: int = 0) -> None:
-        self.behaviour, self.fps, self.port = behaviour, fps, port
-        self._closing = threading.Event()
-        self._clients: list[socket.socket] = []
-        self._httpd: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/video.mjpg"
-
-    def start(self) -> MjpegServer:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server._clients.append(self.connection)
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                self.wfile.flush()
-                frame_id = 0
-                try:
-                    while not server._closing.is_set():
-                        if server.behaviour == "headers_only" or (
-                            server.behaviour == "frames_then_silence" and frame_id >= 3
-                        ):
-                            server._closing.wait(0.05)
-                            continue
-                        jpeg = cv2.imencode(".jpg", encode_frame(frame_id % 256))[1].tobytes()
-                        head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                        self.wfile.write(head.encode() + jpeg + b"\r\n")
-                        self.wfile.flush()
-                        frame_id += 1
-                        server._closing.wait(1.0 / server.fps)
-                except OSError:
-                    pass  # the client went away
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, name="mjpeg-server", daemon=True).start()
-        return self
-
-    def kill(self) -> None:
-        """Drop every connection and stop listening, as a camera losing power would."""
-        self._closing.set()
-        if self._httpd is None:
-            return
-        self._httpd.shutdown()
-        for client in self._clients:
-            try:
-                client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            client.close()
-        self._httpd.server_close()
-        self._httpd = None
+def stalling_server(behaviour: str) -> MjpegServer:
+    """'headers_only': 200 + headers, then nothing; 'frames_then_silence': three frames, then nothing (open)."""
+    server = MjpegServer(stripe_jpegs())
+    server.silent_after = {"headers_only": 0, "frames_then_silence": 3}[behaviour]
+    return server
 
 
 @pytest.fixture()
@@ -329,7 +274,7 @@ def network_capture(url: str, recorder: StateRecorder, **options: object) -> Cap
 
 
 def test_mjpeg_source_reconnects_after_the_server_restarts(servers: list[MjpegServer]) -> None:
-    servers.append(MjpegServer().start())
+    servers.append(MjpegServer(stripe_jpegs()).start())
     port = servers[0].port
     recorder = StateRecorder()
     capture = network_capture(servers[0].url, recorder, reconnect_initial_s=0.1, reconnect_max_s=0.4)
@@ -348,7 +293,7 @@ def test_mjpeg_source_reconnects_after_the_server_restarts(servers: list[MjpegSe
         assert capture.stats.open_failures >= 1
 
         restarted_at = time.monotonic()
-        servers.append(MjpegServer(port=port).start())
+        servers.append(MjpegServer(stripe_jpegs(), port=port).start())
         back_at = recorder.wait_for({CameraState.STREAMING}, timeout=15, after=restarted_at)
         assert back_at is not None
         frame = capture.read(timeout=5)
@@ -371,7 +316,7 @@ def test_mjpeg_source_reconnects_after_the_server_restarts(servers: list[MjpegSe
 
 @pytest.mark.parametrize("behaviour", ["headers_only", "frames_then_silence"])
 def test_stalled_server_is_detected_and_stop_is_bounded(servers: list[MjpegServer], behaviour: str) -> None:
-    servers.append(MjpegServer(behaviour=behaviour).start())
+    servers.append(stalling_server(behaviour).start())
     recorder = StateRecorder()
     capture = network_capture(servers[0].url, recorder, min_stall_s=0.5, stop_timeout_s=3.0)
     started_at = time.monotonic()
