@@ -12,13 +12,13 @@ import importlib.util
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_state import journal_ids, query, wait_until
 
 from shelfsight.shelf_agent.config import AgentConfig, deep_merge, load_agent_config
 
@@ -85,19 +85,6 @@ def agent_config() -> Callable[..., AgentConfig]:
 
 # ------------------------------------------------------------------------------------------------ SQLite, read-only
 
-def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """Read the agent's SQLite files from outside, read-only (WAL), as an operator would."""
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet
-        return []
-    finally:
-        conn.close()
-
-
 @dataclass(frozen=True)
 class OutboxView:
     rows: list[tuple[int, str, str, bytes]]  # id, kind, topic, payload
@@ -134,10 +121,6 @@ def journal_alerts(path: Path, queued_only: bool = False) -> list[dict[str, Any]
     return [json.loads(row[0]) for row in query(path, f"SELECT payload FROM alerts {where} ORDER BY seq")]
 
 
-def journal_ids(path: Path) -> list[str]:
-    return [row[0] for row in query(path, "SELECT alert_id FROM alerts ORDER BY seq")]
-
-
 @pytest.fixture
 def agent_files() -> Any:
     """Namespace of the read-only helpers: ``query``, ``read_outbox``, ``journal_alerts``, ``journal_ids``."""
@@ -154,16 +137,6 @@ def agent_files() -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ waiting, alerts
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> float:
-    """Poll until true; returns the seconds it took. Raises AssertionError naming ``what`` on timeout."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic() - start
-
 
 @pytest.fixture
 def waiter() -> Callable[..., float]:

@@ -8,13 +8,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_state import query, wait_until
 
 from shelfsight.shelf_agent.agent import bundled_model_dir
 from shelfsight.shelf_agent.events import ModelInfo, build_alert, validate_payload
@@ -46,27 +46,6 @@ def run_args(scenario: Path, tmp_path: Path, broker: Any, *extra: str, realtime:
             "--realtime" if realtime else "--as-fast-as-possible", "--fps", "5", "--dwell", "2",
             "--broker", f"{broker.host}:{broker.port}",
             "--outbox", str(tmp_path / "outbox.sqlite"), "--journal", str(tmp_path / "journal.sqlite"), *extra]
-
-
-def query(path: Path, sql: str) -> list[Any]:
-    """Read the agent's SQLite files from outside, read-only, as an operator would."""
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet
-        return []
-    finally:
-        conn.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def first_seen(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,8 +6,6 @@ Every wait is bounded; nothing asserts on speed.
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from agent_state import journal_ids, wait_until
 
 from shelfsight.shelf_agent.agent import Agent
 from shelfsight.shelf_agent.config import AgentConfig, deep_merge, load_agent_config
@@ -67,27 +66,6 @@ def is_status(subscriber: Any, state: str, reason: str) -> Callable[[list[Any]],
         return any(m.topic == f"{ROOT}/status" and m.json()["state"] == state and m.json()["reason"] == reason
                    for m in messages)
     return check
-
-
-def journal_ids(path: Path) -> list[str]:
-    """Read the agent's journal from outside, as another process would (read-only, WAL)."""
-    if not path.exists():
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return [row[0] for row in conn.execute("SELECT alert_id FROM alerts ORDER BY seq")]
-    except sqlite3.OperationalError:  # not created yet
-        return []
-    finally:
-        conn.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def stockout_slots(alerts: list[dict[str, Any]]) -> set[str]:
