@@ -337,6 +337,22 @@ def test_stalled_server_is_detected_and_stop_is_bounded(servers: list[MjpegServe
 
 
 # ------------------------------------------------------------------------------------------------ fakes for devices
+class OpenFakeCapture:
+    """The parts of a cv2.VideoCapture-like fake that never vary: always open, no properties; subclasses read()."""
+
+    def isOpened(self) -> bool:
+        return True
+
+    def get(self, prop_id: int) -> float:
+        return 0.0
+
+    def set(self, prop_id: int, value: float) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 class FakeCamera:
     """Stands in for a USB camera (no /dev/video0 here): each open plays one script of reads, then reads fail.
     Script items: an image, None (read ok but no image), 'fail' (read returns False), 'raise' (cv2.error)."""
@@ -351,12 +367,9 @@ class FakeCamera:
         self.opens += 1
         return FakeCamera._Capture(list(self.scripts[self.opens - 1]))
 
-    class _Capture:
+    class _Capture(OpenFakeCapture):
         def __init__(self, script: list[object]) -> None:
             self.script = script
-
-        def isOpened(self) -> bool:
-            return True
 
         def read(self) -> tuple[bool, np.ndarray | None]:
             item = self.script.pop(0) if self.script else "fail"
@@ -365,15 +378,6 @@ class FakeCamera:
             if isinstance(item, str):
                 return False, None
             return True, item  # type: ignore[return-value]
-
-        def get(self, prop_id: int) -> float:
-            return 0.0
-
-        def set(self, prop_id: int, value: float) -> bool:
-            return True
-
-        def release(self) -> None:
-            pass
 
 
 def test_bad_frames_are_skipped_and_a_lost_device_is_reopened() -> None:
@@ -426,7 +430,7 @@ def test_a_camera_that_opens_but_never_delivers_backs_off_and_fails() -> None:
     assert capture.stop()
 
 
-class HangingFakeCapture:
+class HangingFakeCapture(OpenFakeCapture):
     """An OpenCV read that never returns (what a network read without timeouts can do)."""
 
     def __init__(self) -> None:
@@ -435,21 +439,9 @@ class HangingFakeCapture:
     def __call__(self, target: int | str, api: int, params: object) -> HangingFakeCapture:
         return self
 
-    def isOpened(self) -> bool:
-        return True
-
     def read(self) -> tuple[bool, np.ndarray | None]:
         self.release_read.wait()
         return False, None
-
-    def get(self, prop_id: int) -> float:
-        return 0.0
-
-    def set(self, prop_id: int, value: float) -> bool:
-        return True
-
-    def release(self) -> None:
-        pass
 
 
 def test_stop_gives_up_on_a_read_that_never_returns() -> None:
@@ -477,12 +469,9 @@ def test_hand_off_overhead_and_index_fallback_timestamps(tmp_path: Path) -> None
     frame_count = 3000
     image = encode_frame(1)
 
-    class InstantFakeVideo:
+    class InstantFakeVideo(OpenFakeCapture):
         def __init__(self) -> None:
             self.left = frame_count
-
-        def isOpened(self) -> bool:
-            return True
 
         def read(self) -> tuple[bool, np.ndarray | None]:
             self.left -= 1
@@ -493,9 +482,6 @@ def test_hand_off_overhead_and_index_fallback_timestamps(tmp_path: Path) -> None
 
         def set(self, prop_id: int, value: float) -> bool:
             return False
-
-        def release(self) -> None:
-            pass
 
     placeholder = tmp_path / "instant.mp4"
     placeholder.write_bytes(b"")
