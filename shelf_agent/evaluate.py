@@ -57,6 +57,9 @@ class EvalReport:
                     "p95_delay_s": s.score.p95_delay,
                     "false_alerts": len(s.score.false_alerts),
                     "misses": len(s.score.misses),
+                    # Which alerts, so a miss can be looked up in the video without re-running the scenario.
+                    "false_alert_list": [_alert_dict(a) for a in s.score.false_alerts],
+                    "missed_list": [_alert_dict(a) for a in s.score.misses],
                     "alerts_raised": s.alerts_raised,
                     "occlusion_alerts": s.occlusion_alerts,
                     "frames_processed": s.frames_processed,
@@ -65,6 +68,10 @@ class EvalReport:
                 for s in self.scenarios
             ],
         }
+
+
+def _alert_dict(alert: ScoredAlert) -> dict[str, Any]:
+    return {"type": alert.type, "slot": alert.slot, "t": round(alert.t, 3)}
 
 
 def _fmt(value: float | None) -> str:

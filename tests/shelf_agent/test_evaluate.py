@@ -11,7 +11,14 @@ import pytest
 
 from shelfsight.runtime.errors import ShelfSightError
 from shelfsight.shelf_agent.cli import main
-from shelfsight.shelf_agent.evaluate import _occlusion_alerts, evaluate_scenarios, rendered_scenario
+from shelfsight.shelf_agent.evaluate import (
+    EvalReport,
+    ScenarioScore,
+    _occlusion_alerts,
+    evaluate_scenarios,
+    rendered_scenario,
+)
+from shelfsight.shelf_agent.scoring import ScoredAlert, score_alerts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,3 +127,15 @@ TRUTH = {
 )
 def test_occlusion_alerts_are_stockouts_caused_by_a_shopper(alert: dict[str, object], counted: bool) -> None:
     assert _occlusion_alerts([alert], TRUTH, dwell_s=1.5) == int(counted)
+
+
+def test_eval_json_lists_which_alerts_were_false_and_which_were_missed() -> None:
+    expected = [ScoredAlert("stockout", "R1S1", 5.0), ScoredAlert("stockout", "R1S2", 9.0)]
+    raised = [ScoredAlert("stockout", "R1S1", 15.5), ScoredAlert("stockout", "R2S3", 30.25)]
+    score = score_alerts(raised, expected, dwell_s=10.0)
+    report = EvalReport(10.0, [ScenarioScore("busy", score, len(raised), 0, 100, 20.0)])
+    (entry,) = report.as_dict()["scenarios"]
+    assert entry["false_alerts"] == 1 and entry["misses"] == 1
+    assert entry["false_alert_list"] == [{"type": "stockout", "slot": "R2S3", "t": 30.25}]
+    assert entry["missed_list"] == [{"type": "stockout", "slot": "R1S2", "t": 9.0}]
+    json.dumps(report.as_dict())  # the CLI writes it as JSON
