@@ -73,6 +73,11 @@ class QuantizeOptions(BaseModel):
     # the 8-bit range. Clipping its range at -silu_clip (|SiLU(x)| < silu_clip * exp(-silu_clip) below it) is the SiLU
     # counterpart of what ORT does for ReLU, where the activation's range replaces the convolution's. None: off.
     silu_clip: float | None = Field(default=None, gt=0.0)
+    # Run each SiLU as one float ``com.microsoft.QuickGelu(alpha=1)`` node between Q/DQ, the kernel ONNX Runtime's
+    # own FP32 optimizer fuses it into, instead of QLinearSigmoid (a table lookup) + QLinearMul. Measured on
+    # YOLOX-Nano (104 SiLUs): INT8 went from 1.08x FP32 latency to 0.94x. QuickGelu is an ONNX Runtime contrib op,
+    # so TensorRT targets leave it off. Models without SiLU (the project's own, ReLU) are unchanged.
+    fuse_silu: bool = True
     nodes_to_exclude: tuple[str, ...] = ()
     # Convolutions the caller accepts staying float (on top of any named in ``nodes_to_exclude``).
     allowed_float_convs: int = Field(default=0, ge=0)
@@ -88,7 +93,12 @@ class QuantizeOptions(BaseModel):
     @classmethod
     def for_tensorrt(cls, **overrides: object) -> QuantizeOptions:
         """TensorRT's explicit quantization accepts only symmetric signed INT8 (zero point 0) everywhere."""
-        values: dict[str, object] = {"activation_type": "qint8", "symmetric_activations": True, "reduce_range": False}
+        values: dict[str, object] = {
+            "activation_type": "qint8",
+            "symmetric_activations": True,
+            "reduce_range": False,
+            "fuse_silu": False,
+        }
         values.update(overrides)
         return cls.model_validate(values)
 
@@ -276,6 +286,34 @@ def silu_inputs(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def fuse_silu(model: onnx.ModelProto) -> int:
+    """Rewrite every ``Mul(x, Sigmoid(x))`` into ``com.microsoft.QuickGelu(x, alpha=1)`` in place; returns how many.
+
+    The QuickGelu node takes the Mul's name and output, so calibration ranges and node exclusions keyed on them
+    still apply."""
+    consumers = _consumers(model.graph)
+    replaced: dict[int, onnx.NodeProto] = {}
+    dropped: set[int] = set()
+    for tensor in silu_inputs(model):
+        sigmoid = next(n for n in consumers[tensor] if n.op_type == "Sigmoid")
+        muls = [n for n in consumers[tensor] if n is not sigmoid]
+        if len(muls) != 1 or len(consumers.get(sigmoid.output[0], [])) != 1:
+            continue  # a gate shared by several products is not one SiLU
+        mul = muls[0]
+        dropped.add(id(sigmoid))
+        replaced[id(mul)] = onnx.helper.make_node(
+            "QuickGelu", [tensor], [mul.output[0]], name=mul.name, domain="com.microsoft", alpha=1.0
+        )
+    if not replaced:
+        return 0
+    nodes = [replaced.get(id(node), node) for node in model.graph.node if id(node) not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)
+
+
 def silu_input_ranges(
     model: onnx.ModelProto, calibration_cache: str | Path, clip: float, skip_tensors: set[str]
 ) -> dict[str, Any]:
@@ -312,23 +350,30 @@ def quantize_qdq(
         overrides.update(silu_input_ranges(model, calibration_cache, options.silu_clip, set(overrides)))
     if overrides:
         extra["TensorQuantOverrides"] = overrides
-    try:
-        quantize_static(
-            str(preprocessed_onnx),
-            str(out_path),
-            calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ,
-            per_channel=options.per_channel,
-            reduce_range=options.reduce_range,
-            activation_type=_QUANT_TYPES[options.activation_type],
-            weight_type=_QUANT_TYPES[options.weight_type],
-            nodes_to_exclude=exclude,
-            calibrate_method=CALIBRATION_METHODS[options.calib_method],
-            extra_options=extra,
-            calibration_cache_path=str(calibration_cache),
-        )
-    except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as exc:
-        raise QuantizationError(f"{preprocessed_onnx}: quantize_static failed: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="shelfsight-silu-") as tmp:
+        source = Path(preprocessed_onnx)
+        if options.fuse_silu and silu_inputs(model):
+            full = onnx.load(str(preprocessed_onnx))  # with any external weights, since it is saved elsewhere
+            if fuse_silu(full):
+                source = Path(tmp) / "fused.onnx"
+                onnx.save(full, str(source))
+        try:
+            quantize_static(
+                str(source),
+                str(out_path),
+                calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
+                activation_type=_QUANT_TYPES[options.activation_type],
+                weight_type=_QUANT_TYPES[options.weight_type],
+                nodes_to_exclude=exclude,
+                calibrate_method=CALIBRATION_METHODS[options.calib_method],
+                extra_options=extra,
+                calibration_cache_path=str(calibration_cache),
+            )
+        except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as exc:
+            raise QuantizationError(f"{preprocessed_onnx}: quantize_static failed: {exc}") from exc
     return out_path
 
 

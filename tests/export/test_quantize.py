@@ -271,8 +271,79 @@ def test_third_party_opset11_model_quantizes_to_int8_kernels(workdir: Path) -> N
     int8 = quantize_qdq(pre, workdir / "yolox-int8.onnx", ranges.cache_path, options)
     report = verify_int8_kernels(inspect_int8_kernels(int8, expected_float_convs(pre, options)), int8)
     assert report.total_convs > 100 and report.int8_convs == report.total_convs
+    # Its 104 SiLUs run as float QuickGelu between the INT8 convolutions, not as table lookups (faster here).
+    assert report.op_counts.get("com.microsoft:QuickGelu", 0) >= 100
+    assert "com.microsoft:QLinearSigmoid" not in report.op_counts
     frame = cv2.imread(str(next(COCO_PHOTOS.glob("*.jpg"))))
     from shelfsight.runtime.preprocess import preprocess_frame
 
     output = _run(int8, preprocess_frame(frame, spec)[0][None])
     assert output.shape == (1, 3549, 85) and np.isfinite(output).all()
+
+
+def _conv_silu_onnx(path: Path, size: int = 32) -> Path:
+    """[1,3,S,S] -> two 3x3 convs, each followed by SiLU written as Mul(x, Sigmoid(x)), as YOLO exports do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits, nodes, x = [], [], "images"
+    for i, (cin, cout) in enumerate([(3, 8), (8, 8)]):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.4, (cout, cin, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4),
+                  helper.make_node("Sigmoid", [f"c{i}"], [f"s{i}"], name=f"sigmoid{i}"),
+                  helper.make_node("Mul", [f"c{i}", f"s{i}"], [f"a{i}"], name=f"silu{i}")]
+        x = f"a{i}"
+    graph = helper.make_graph(
+        nodes, "conv_silu", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8, size, size])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_silu_becomes_one_quickgelu_with_the_same_output(workdir: Path) -> None:
+    from shelfsight.export.quantize import fuse_silu
+
+    source = _conv_silu_onnx(workdir / "silu.onnx")
+    model = onnx.load(str(source))
+    assert fuse_silu(model) == 2
+    ops = [node.op_type for node in model.graph.node]
+    assert ops == ["Conv", "QuickGelu", "Conv", "QuickGelu"]
+    assert [node.name for node in model.graph.node if node.op_type == "QuickGelu"] == ["silu0", "silu1"]
+    onnx.save(model, str(workdir / "silu-fused.onnx"))
+    batch = np.random.default_rng(0).random((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(workdir / "silu-fused.onnx", batch), _run(source, batch), rtol=1e-5, atol=1e-5)
+    assert fuse_silu(model) == 0  # nothing left to fuse
+
+
+@pytest.mark.parametrize(
+    ("options", "fused", "silu_kernel"),
+    [
+        # The default: one float SiLU kernel between INT8 convolutions.
+        (QuantizeOptions(float_stem=False), True, "com.microsoft:QuickGelu"),
+        (QuantizeOptions(float_stem=False, fuse_silu=False), False, "com.microsoft:QLinearSigmoid"),
+        (QuantizeOptions.for_tensorrt(float_stem=False), False, None),  # TensorRT knows no contrib ops
+    ],
+)
+def test_silu_kernels_after_quantization(
+    options: QuantizeOptions, fused: bool, silu_kernel: str | None, tmp_path: Path
+) -> None:
+    pre = preprocess_for_quantization(_conv_silu_onnx(tmp_path / "silu.onnx"), tmp_path / "pre.onnx")
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), _scene(rng, 32, 32))
+    spec = input_spec_for(32)
+    images = select_calibration_images(folder, count=4)
+    ranges = calibrate_tensor_ranges(
+        pre, ImageCalibrationReader(images, spec), "minmax", calibration_digest(images, spec), tmp_path / "c"
+    )
+    int8 = quantize_qdq(pre, tmp_path / "int8.onnx", ranges.cache_path, options)
+    assert any(node.op_type == "QuickGelu" for node in onnx.load(str(int8)).graph.node) is fused
+    if silu_kernel is not None:  # what ORT's CPU provider runs
+        report = inspect_int8_kernels(int8)
+        assert report.int8_convs == report.total_convs == 2
+        assert report.op_counts.get(silu_kernel, 0) >= 1, report.op_counts
+        if fused:
+            assert "com.microsoft:QLinearSigmoid" not in report.op_counts
