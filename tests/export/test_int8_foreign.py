@@ -21,7 +21,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from shelfsight.export.cli import main
-from shelfsight.export.int8_pipeline import REJECTED_DIR, Int8ExportOptions, run_int8_export
+from shelfsight.export.int8_pipeline import Int8ExportOptions, run_int8_export
+from shelfsight.export.int8_steps import REJECTED_DIR
 from shelfsight.runtime.describe import describe_onnx
 from shelfsight.runtime.errors import ShelfSightError
 from shelfsight.runtime.manifest import load_manifest, sha256_file

@@ -21,14 +21,13 @@ from shelfsight.calibration.images import select_calibration_images
 from shelfsight.calibration.reader import calibration_digest
 from shelfsight.export.cli import export_parser
 from shelfsight.export.int8_cli import int8_requested, options_from_args
-from shelfsight.export.int8_pipeline import (
+from shelfsight.export.int8_pipeline import Int8ExportOptions, run_int8_export
+from shelfsight.export.int8_steps import (
     REJECTED_DIR,
-    Int8ExportOptions,
     Int8GateError,
     OutputFolderError,
     apply_gate,
     check_output_folder,
-    run_int8_export,
 )
 from shelfsight.export.model import load_checkpoint
 from shelfsight.export.prune import (
