@@ -2,7 +2,8 @@
 
 Each step is a function ``step(inputs, options) -> Path`` with typed options (in ``shelfsight.export.int8_steps``;
 the pruning steps live in ``shelfsight.export.prune``), so a step can be run and tested on its own;
-:func:`run_int8_export` only strings them together. Options that do not make sense together are refused when the options are built, never quietly adjusted.
+:func:`run_int8_export` only strings them together. Options that do not make sense together are refused when the
+options are built, never quietly adjusted.
 
 Output folder, written to a temporary sibling and renamed at the end so a crash never leaves a half-written folder
 that looks valid::
