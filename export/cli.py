@@ -152,6 +152,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-limit", type=int, default=None, help="validate on the first N val images only")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="keep the BatchNorm statistics of --init while fine-tuning")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -228,6 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_limit=args.val_limit,
         resume=args.resume,
         init=args.init,
+        freeze_bn=args.freeze_bn,
         progress=not args.no_progress,
     )
     result = train(config)

@@ -84,6 +84,10 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     resume: bool = False
     init: Path | None = None
+    # Fine-tuning on a small or shifted set: keep the BatchNorm running statistics of the --init weights (layers in
+    # eval mode; their scale and shift still learn), so the statistics do not drift towards the new images and
+    # away from the ones the model already handles.
+    freeze_bn: bool = False
     progress: bool = True
 
 
@@ -237,6 +241,10 @@ def train(
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         dataset.epoch = epoch
         model.train()
+        if cfg.freeze_bn:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         running: dict[str, float] = {"loss": 0.0, "box": 0.0, "cls": 0.0}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress)
         for i, batch in enumerate(bar):

@@ -68,6 +68,25 @@ def test_init_copies_every_matching_tensor(trained_run: TrainResult) -> None:
     assert copied == len(other.state_dict()) - len(skipped)
 
 
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_the_init_batchnorm_statistics(
+    freeze_bn: bool, tiny_data: Path, tmp_path: Path, trained_run: TrainResult,
+    make_train_config: Callable[..., TrainConfig],
+) -> None:
+    """Fine-tuning with --freeze-bn leaves every BN running mean/var at the --init values; without it they move."""
+    assert trained_run.best is not None
+    result = train(make_train_config(tiny_data, tmp_path / "ft", epochs=1, init=trained_run.best,
+                                     freeze_bn=freeze_bn))
+    before = torch.load(trained_run.best, map_location="cpu", weights_only=True)["state_dict"]
+    # The raw model, not the EMA copy in "state_dict" (an average of equal values is equal only to rounding).
+    after = torch.load(result.last, map_location="cpu", weights_only=True)["train_state"]["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in before if k.endswith("conv.weight")]
+    assert stats and weights
+    assert all(torch.equal(after[k], before[k]) for k in stats) is freeze_bn
+    assert not all(torch.equal(after[k], before[k]) for k in weights)  # the weights still learn
+
+
 def test_learning_rate_schedule_warms_up_then_decays() -> None:
     rates = [lr_at(step, 100, 10, 1.0, 0.05) for step in range(101)]
     assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(1.0)
