@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
@@ -89,6 +89,12 @@ class TrainConfig(BaseModel):
     # away from the ones the model already handles.
     freeze_bn: bool = False
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _freeze_bn_needs_weights(self) -> TrainConfig:
+        if self.freeze_bn and self.init is None and not self.resume:
+            raise ValueError("freeze_bn keeps the BatchNorm statistics of --init weights: give --init")
+        return self
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,12 @@ def test_freeze_bn_keeps_the_init_batchnorm_statistics(
     assert not all(torch.equal(after[k], before[k]) for k in weights)  # the weights still learn
 
 
+def test_freeze_bn_without_init_weights_is_refused(tiny_data: Path, tmp_path: Path,
+                                                   make_train_config: Callable[..., TrainConfig]) -> None:
+    with pytest.raises(ValueError, match="freeze_bn keeps the BatchNorm statistics of --init"):
+        make_train_config(tiny_data, tmp_path / "scratch", freeze_bn=True)
+
+
 def test_learning_rate_schedule_warms_up_then_decays() -> None:
     rates = [lr_at(step, 100, 10, 1.0, 0.05) for step in range(101)]
     assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(1.0)
