@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import stop_process
 
 from shelfsight.shelf_agent.agent import Agent, RunSummary
 from shelfsight.shelf_agent.config import AgentConfig
@@ -68,13 +69,8 @@ class Broker:
 
     def stop(self) -> None:
         """Graceful (SIGTERM): mosquitto saves its persistence file, if configured."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def kill(self) -> None:

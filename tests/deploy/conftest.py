@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -172,12 +173,7 @@ def hardened_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harden
         pytest.fail(f"mosquitto did not start with the shipped config:\n{log_path.read_text(errors='replace')}")
     broker = HardenedBroker(port=port, root=root, certs=certs, rogue=rogue, proc=proc, log_path=log_path)
     yield broker
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    stop_process(proc)
 
 
 class CliProcess:

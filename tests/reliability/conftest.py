@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -125,15 +126,8 @@ def journal_alerts(path: Path, queued_only: bool = False) -> list[dict[str, Any]
 def agent_files() -> Any:
     """Namespace of the read-only helpers: ``query``, ``read_outbox``, ``journal_alerts``, ``journal_ids``."""
 
-    class Files:
-        pass
-
-    files = Files()
-    files.query = query  # type: ignore[attr-defined]
-    files.read_outbox = read_outbox  # type: ignore[attr-defined]
-    files.journal_alerts = journal_alerts  # type: ignore[attr-defined]
-    files.journal_ids = journal_ids  # type: ignore[attr-defined]
-    return files
+    return SimpleNamespace(query=query, read_outbox=read_outbox, journal_alerts=journal_alerts,
+                           journal_ids=journal_ids)
 
 
 # ------------------------------------------------------------------------------------------------ waiting, alerts
@@ -187,16 +181,9 @@ def restated_stockouts(unique: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def alerts_tools() -> Any:
-    class Tools:
-        pass
-
-    tools = Tools()
-    tools.delivered = delivered_alerts  # type: ignore[attr-defined]
-    tools.first_seen = first_seen  # type: ignore[attr-defined]
-    tools.duplicates_after_dedupe = duplicates_after_dedupe  # type: ignore[attr-defined]
-    tools.restated_stockouts = restated_stockouts  # type: ignore[attr-defined]
-    tools.root = ROOT  # type: ignore[attr-defined]
-    return tools
+    return SimpleNamespace(delivered=delivered_alerts, first_seen=first_seen,
+                           duplicates_after_dedupe=duplicates_after_dedupe, restated_stockouts=restated_stockouts,
+                           root=ROOT)
 
 
 # ------------------------------------------------------------------------------------------------ TCP proxy

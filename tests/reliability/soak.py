@@ -32,6 +32,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # run as a script, outside pytest's pythonpath
+from processes import stop_process  # noqa: E402
+
 MOSQUITTO = "/usr/sbin/mosquitto"
 RSS_GROWTH_LIMIT_MB = 5.0
 STORE_ID, CAMERA_ID = "soak-store", "soak-cam"
@@ -84,19 +87,6 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
             return proc, port
         stop_process(proc, 5)
     sys.exit("soak: could not start mosquitto")
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-    """SIGTERM, then SIGKILL after `timeout`; the exit code (None if it had to be killed)."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.terminate()
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ subscriber

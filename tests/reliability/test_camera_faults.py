@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import pytest
 from mjpeg_server import MjpegServer
+from video_frames import video_frames
 
 from shelfsight.shelf_agent.agent import Agent, RunSummary
 from shelfsight.shelf_agent.config import load_agent_config
@@ -60,17 +61,8 @@ def report() -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def scenario_jpegs(small_scenario: Path) -> list[bytes]:
     """The small scenario's frames as JPEGs (every other frame: a real shelf for the detector, little memory)."""
-    capture = cv2.VideoCapture(str(small_scenario / "video.mp4"))
-    jpegs: list[bytes] = []
-    index = 0
-    while True:
-        ok, image = capture.read()
-        if not ok:
-            break
-        if index % 2 == 0:
-            jpegs.append(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes())
-        index += 1
-    capture.release()
+    jpegs = [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+             for _, image in video_frames(small_scenario / "video.mp4", step=2)]
     assert jpegs
     return jpegs
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import stop_process
 
 from shelfsight.runtime.errors import ShelfSightError
 from shelfsight.shelf_agent.config import load_agent_config
@@ -145,12 +146,7 @@ def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     finally:
         for broker in started.values():
             if isinstance(broker, deploy.HardenedBroker):
-                broker.proc.terminate()
-                try:
-                    broker.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    broker.proc.kill()
-                    broker.proc.wait(5)
+                stop_process(broker.proc)
 
 
 def agent_config(broker: Any, **changes: Any) -> MqttConfig:

@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from video_frames import video_frames
 
 from shelfsight.runtime.model import Detector
 from shelfsight.shelf_agent.agent import build_pipeline, open_detector
@@ -37,17 +38,7 @@ DWELL_S = 2.0
 @pytest.fixture(scope="module")
 def frames(small_scenario: Path) -> list[tuple[float, np.ndarray]]:
     """Every second decoded frame (5 fps) with its timestamp in seconds."""
-    capture = cv2.VideoCapture(str(small_scenario / "video.mp4"))
-    out: list[tuple[float, np.ndarray]] = []
-    index = 0
-    while True:
-        ok, image = capture.read()
-        if not ok:
-            break
-        if index % 2 == 0:
-            out.append((index / 10.0, image))
-        index += 1
-    capture.release()
+    out = [(index / 10.0, image) for index, image in video_frames(small_scenario / "video.mp4", step=2)]
     assert len(out) == 100 and out[0][1].shape == (360, 640, 3)
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from video_frames import video_frames
 
 from shelfsight.shelf_agent.layout import load_layout
 from shelfsight.sim.cli import main
@@ -46,16 +47,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _decode(video: Path) -> list[np.ndarray]:
-    capture = cv2.VideoCapture(str(video))
-    assert capture.isOpened()
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames
+    return [frame for _, frame in video_frames(video)]
 
 
 def test_video_decodes_to_every_frame_at_the_right_size(rendered: Path):
